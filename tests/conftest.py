@@ -1,0 +1,44 @@
+"""Shared helpers: a tiny network, and running the command-line scripts in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Overrides that shrink the digits quick start to a few seconds of training.
+TINY_DIGITS = [
+    "--config", "digits.yaml",
+    "--model.net.init_args.model_channels", "8",
+    "--model.net.init_args.num_blocks", "1",
+    "--data.batch_size", "16",
+    "--data.val_size", "32",
+    "--trainer.limit_train_batches", "3",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.max_epochs", "2",
+    "--trainer.check_val_every_n_epoch", "1",
+    "--trainer.log_every_n_steps", "1",
+    "--checkpoint.every_n_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+    """Run `python <repo>/<script> args…` in `cwd`; returns the CompletedProcess (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_unet_kwargs() -> dict:
+    return dict(sample_size=8, in_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[4], dropout=0.0)

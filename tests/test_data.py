@@ -1,0 +1,163 @@
+"""ImageDataModule on every source, each on small data the test writes itself (no download)."""
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vediff import ConfigError, ImageDataModule
+
+
+def all_images(module: ImageDataModule) -> torch.Tensor:
+    full = module.train_set.dataset
+    return torch.stack([_unwrap(full[i]) for i in range(len(full))])
+
+
+def _unwrap(item):
+    return item[0] if isinstance(item, tuple) else item
+
+
+def test_digits_are_8x8_grayscale_in_minus_one_to_one():
+    module = ImageDataModule(dataset="digits", image_size=8, val_size=97, batch_size=64)
+    module.setup("fit")
+    assert len(module.train_set) + len(module.val_set) == 1797
+    assert len(module.val_set) == 97
+    assert set(module.train_set.indices).isdisjoint(module.val_set.indices)
+    batch = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
+    assert batch.shape == (64, 1, 8, 8)
+    assert batch.min() >= -1 and batch.max() <= 1
+    assert batch.min() == -1  # digit backgrounds are 0 → -1
+
+
+def test_digits_upscaled_to_rgb_when_asked():
+    module = ImageDataModule(dataset="digits", image_size=16, channels=3, val_size=10)
+    module.setup("fit")
+    image = _unwrap(module.val_set[0])
+    assert image.shape == (3, 16, 16)
+    torch.testing.assert_close(image[0], image[2])
+
+
+def test_split_is_fixed_by_the_seed():
+    first = ImageDataModule(dataset="digits", image_size=8, val_size=50, seed=3)
+    second = ImageDataModule(dataset="digits", image_size=8, val_size=50, seed=3)
+    first.setup(), second.setup()
+    assert first.val_set.indices == second.val_set.indices
+
+
+def write_fake_cifar10(root: Path, per_batch: int, monkeypatch) -> np.ndarray:
+    """CIFAR-10's python format: pickled dicts with `data` (N, 3072) uint8 rows in CHW order, and `labels`."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, train_list = [], []
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0] * per_batch, "batch_label": name}, f)
+        if name != "test_batch":
+            rows.append(data)
+        train_list.append([name, hashlib.md5((folder / name).read_bytes()).hexdigest()])
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    meta_md5 = hashlib.md5((folder / "batches.meta").read_bytes()).hexdigest()
+    # The real loader checks the published checksums; point them at the files this test wrote.
+    monkeypatch.setattr(CIFAR10, "train_list", train_list[:5])
+    monkeypatch.setattr(CIFAR10, "test_list", train_list[5:])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": meta_md5})
+    return np.concatenate(rows).reshape(-1, 3, 32, 32)
+
+
+def test_cifar10_from_a_folder_in_the_real_on_disk_format(tmp_path, monkeypatch):
+    pixels = write_fake_cifar10(tmp_path, per_batch=4, monkeypatch=monkeypatch)
+    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=32, val_size=5)
+    module.prepare_data()  # files present and checksums match: no download
+    module.setup("fit")
+    assert (len(module.train_set), len(module.val_set)) == (15, 5)
+    expected = torch.from_numpy(pixels).float() / 127.5 - 1
+    torch.testing.assert_close(all_images(module), expected)
+
+
+def test_cifar10_corrupted_file_is_a_clear_error(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, per_batch=2, monkeypatch=monkeypatch)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), val_size=1)
+    with pytest.raises(ConfigError, match="corrupted"):
+        module.setup("fit")
+
+
+def write_pngs(folder: Path, count: int, size: int = 8, mode: str = "RGB") -> list[int]:
+    """Constant-colour images; returns the colour value of each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    values = [10 + 20 * i for i in range(count)]
+    for i, value in enumerate(values):
+        Image.new(mode, (size, size), (value,) * len(mode)).save(folder / f"img_{i:02d}.png")
+    return values
+
+
+def test_hugging_face_imagefolder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    values = write_pngs(tmp_path / "images" / "train", count=6)
+    module = ImageDataModule(
+        dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"), image_column="image",
+        root=str(tmp_path / "cache"), image_size=8, val_size=2,
+    )
+    module.prepare_data()
+    module.setup("fit")
+    images = all_images(module)
+    assert images.shape == (6, 3, 8, 8)
+    means = sorted(images.mean(dim=(1, 2, 3)).tolist())
+    assert means == pytest.approx([v / 127.5 - 1 for v in values], abs=1e-6)
+
+
+def test_hugging_face_wrong_column_names_the_columns(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_pngs(tmp_path / "images" / "train", count=3)
+    module = ImageDataModule(dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"),
+                             image_column="img", root=str(tmp_path / "cache"), val_size=1)
+    with pytest.raises(ConfigError, match="image_column.*columns: image"):
+        module.prepare_data()
+
+
+def test_plain_folder_recursive_resized_and_grayscale(tmp_path):
+    write_pngs(tmp_path / "a", count=3, size=16)
+    write_pngs(tmp_path / "b" / "deeper", count=2, size=16, mode="L")
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1, val_size=1)
+    module.prepare_data()
+    module.setup("fit")
+    images = all_images(module)
+    assert images.shape == (5, 1, 8, 8)
+    # Constant images stay constant through resizing.
+    assert torch.allclose(images.amax(dim=(1, 2, 3)), images.amin(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_folder_with_a_corrupt_image_names_the_file(tmp_path):
+    write_pngs(tmp_path, count=2)
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
+    with pytest.raises(ConfigError, match="broken.png"):
+        module.prepare_data()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_missing_or_empty_folder(tmp_path, make):
+    root = tmp_path / "images"
+    if make == "empty":
+        root.mkdir()
+    module = ImageDataModule(dataset="folder", root=str(root), val_size=1)
+    with pytest.raises(ConfigError, match="does not exist" if make == "missing" else "no images"):
+        module.prepare_data()
+
+
+def test_bad_sizes():
+    with pytest.raises(ConfigError, match="batch_size"):
+        ImageDataModule(batch_size=0)
+    module = ImageDataModule(dataset="digits", val_size=5000)
+    with pytest.raises(ConfigError, match="val_size"):
+        module.setup("fit")

@@ -1,0 +1,150 @@
+"""train.py end to end in a subprocess: fit, TensorBoard scalars, checkpoints, resume, configs, and bad input."""
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY_DIGITS, run_script
+from vediff import VEDiffusion
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every event file in a run folder, as {tag: [(step, value), …]}."""
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        events = EventAccumulator(path)
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two epochs of three steps, then a resume with `--ckpt_path last` for two more epochs."""
+    cwd = tmp_path_factory.mktemp("fit")
+    first = run_script("train.py", "fit", *TINY_DIGITS, cwd=cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = cwd / "lightning_logs" / "digits" / "version_0"
+    after_first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    second = run_script("train.py", "fit", *TINY_DIGITS, "--trainer.max_epochs", "4", "--ckpt_path", "last", cwd=cwd)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return cwd, run_dir, after_first, first, second
+
+
+def test_fit_writes_checkpoint_and_tensorboard_scalars(trained):
+    cwd, run_dir, after_first, first, _ = trained
+    assert after_first["global_step"] == 6
+    assert "UNet2D: " in first.stdout + first.stderr and "M parameters" in first.stdout + first.stderr
+    tags = scalars(run_dir)
+    for tag in ["train/loss_step", "train/loss_epoch", "val/loss", "lr-Adam", "train/kimg", "train/images_per_sec"]:
+        assert tag in tags, sorted(tags)
+    assert sum(tag.startswith("val_by_sigma/") for tag in tags) == 8
+    # kimg counts 16 images per step.
+    assert dict(tags["train/kimg"])[0] == pytest.approx(0.016)
+    assert all(value > 0 for _, value in tags["train/images_per_sec"])
+
+
+def test_learning_rate_warms_up_linearly_in_images(trained):
+    _, run_dir, *_ = trained
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    lr, warmup_images = config["model"]["lr"], config["model"]["warmup_kimg"] * 1000
+    for step, value in scalars(run_dir)["lr-Adam"]:
+        # LearningRateMonitor logs the rate used by the step it is logged at: step × 16 images seen before it.
+        assert value == pytest.approx(lr * min(step * 16 / warmup_images, 1.0), rel=1e-5), step
+
+
+def test_resume_continues_the_same_run(trained):
+    cwd, run_dir, after_first, _, second = trained
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]  # no new log folder
+    assert "Resuming from" in second.stderr
+    after_second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after_second["global_step"] == 12
+    steps = sorted(step for step, _ in scalars(run_dir)["train/loss_step"])
+    assert steps == list(range(12))  # the resumed run's first step is the saved step, then onwards, no repeats
+    # Adam's step count and the EMA's update count carried over.
+    adam_steps = {int(s["step"]) for s in after_second["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {12}
+    assert int(after_second["averaging_state"]["n_averaged"]) == 12
+
+
+def test_checkpoint_holds_ema_weights_and_loads_a_ready_denoiser(trained):
+    _, run_dir, *_ = trained
+    path = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the averaged weights differ from the raw ones
+
+    net_args = checkpoint["hyper_parameters"]["net"]["init_args"]
+    assert (net_args["sample_size"], net_args["in_channels"]) == (8, 1)  # linked from data.image_size and digits
+
+    module = VEDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name])
+    denoiser = module.denoiser.eval()
+    assert (denoiser.in_channels, denoiser.sample_size) == (1, 8)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        out = denoiser(x, torch.tensor([0.1, 1.0, 10.0, 80.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, tmp_path):
+    result = run_script("train.py", "fit", "--config", config, "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert {"trainer", "model", "data", "ema", "checkpoint", "snapshot"} <= printed.keys()
+    net = printed["model"]["net"]["init_args"]
+    # Size and channels are linked from the data section, never written twice.
+    assert "sample_size" not in net and "in_channels" not in net
+
+
+def test_config_given_as_path_or_bare_name(tmp_path):
+    by_name = run_script("train.py", "fit", "--config", "cifar10.yaml", "--print_config", cwd=tmp_path)
+    by_path = run_script("train.py", "fit", "--config", str(REPO / "configs" / "cifar10.yaml"), "--print_config",
+                         cwd=tmp_path)
+    assert by_name.returncode == 0 and by_name.stdout == by_path.stdout
+
+
+BAD_INPUT = [
+    (["--config", "digits.yaml", "--data.dataset", "imagenet"], "data.dataset"),
+    (["--config", "digits.yaml", "--model.sigma_min", "10", "--model.sigma_max", "1"], "sigma_min"),
+    (["--config", "digits.yaml", "--data.dataset", "folder", "--data.root", "no_such_folder"], "no_such_folder"),
+    (["--config", "digits.yaml", "--data.image_size", "7"], "sample_size"),
+    (["--config", "digits.yaml", "--model.lr", "-1"], "model.lr"),
+    (["--config", "no_such_config.yaml"], "no_such_config.yaml"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_INPUT, ids=[named for _, named in BAD_INPUT])
+def test_bad_input_is_one_clear_line(args, named, tmp_path):
+    result = run_script("train.py", "fit", *args, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and named in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lightning_logs").exists()  # nothing half-written
+
+
+def test_cifar10_offline_download_failure_says_what_to_do(tmp_path):
+    # An unreachable proxy makes the download fail at once, whether or not this machine has internet.
+    unreachable = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                   "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    result = run_script(
+        "train.py", "fit", "--config", "cifar10.yaml", "--data.root", "cifar_data",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+        "--trainer.precision", "32-true", "--model.net.init_args.model_channels", "8",
+        cwd=tmp_path, env=unreachable,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert "CIFAR-10" in error_lines[0] and "cifar_data" in error_lines[0] and "digits.yaml" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lightning_logs").exists()

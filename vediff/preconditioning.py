@@ -1,0 +1,95 @@
+"""Preconditioned denoisers D(x; σ) of EDM (Karras et al. 2022, Table 1).
+
+Both classes follow the *denoiser contract* used by every vediff sampler: ``forward(x, sigma)`` takes images ``x`` of
+shape (B, C, H, W) and ``sigma`` of shape (B,) or a scalar, and returns the denoised estimate D(x; σ) in float32. They
+expose ``in_channels``, ``sample_size`` and the σ range the model was trained for (``sigma_min``, ``sigma_max``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vediff.utils import ConfigError, append_dims, sigma_batch
+
+
+def check_sigma_range(sigma_min: float, sigma_max: float, owner: str) -> None:
+    """Raise a ConfigError unless 0 < sigma_min < sigma_max."""
+    if not 0 < sigma_min < sigma_max:
+        raise ConfigError(
+            f"{owner}: sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max}); "
+            "fix the values in the config"
+        )
+
+
+class Precond(nn.Module):
+    """Shared body: D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), computed in float32 even under autocast."""
+
+    def __init__(self, net: nn.Module, sigma_min: float, sigma_max: float) -> None:
+        super().__init__()
+        check_sigma_range(sigma_min, sigma_max, type(self).__name__)
+        self.net = net
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        return self.net.sample_size
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (c_skip, c_out, c_in, c_noise) for a float32 σ tensor."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = sigma_batch(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.net(append_dims(c_in, x.ndim) * x, c_noise)
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x.to(torch.float32)
+
+
+# EDM Table 1, "VE" column (Song et al. 2021 NCSN++ parameterisation).
+class VEPrecond(Precond):
+    """Variance-exploding preconditioning: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
+
+    def __init__(self, net: nn.Module, sigma_min: float = 0.02, sigma_max: float = 100.0) -> None:
+        super().__init__(net, sigma_min, sigma_max)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), torch.log(0.5 * sigma)
+
+
+# EDM Table 1, "ours" column.
+class EDMPrecond(Precond):
+    """EDM preconditioning with data standard deviation `sigma_data`.
+
+    c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), c_noise = ln(σ)/4.
+    """
+
+    def __init__(
+        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0
+    ) -> None:
+        super().__init__(net, sigma_min, sigma_max)
+        if not sigma_data > 0:
+            raise ConfigError(f"EDMPrecond: sigma_data ({sigma_data}) must be positive")
+        self.sigma_data = float(sigma_data)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sigma_data = self.sigma_data
+        norm = torch.sqrt(sigma**2 + sigma_data**2)
+        c_skip = sigma_data**2 / norm**2
+        c_out = sigma * sigma_data / norm
+        c_in = 1 / norm
+        c_noise = torch.log(sigma) / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+PRECONDITIONINGS = {"edm": EDMPrecond, "ve": VEPrecond}
+
+# Default σ ranges per preconditioning: EDM's sampler range and the VE training range of EDM Table 1.
+DEFAULT_SIGMA_RANGE = {"edm": (0.002, 80.0), "ve": (0.02, 100.0)}
+

@@ -1,0 +1,26 @@
+"""Small helpers shared across vediff."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A user mistake (a config value, a path, a flag). The CLI prints its message as one line and exits non-zero."""
+
+
+# k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
+def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+    """Append trailing singleton dimensions to `x` until it has `target_dims` dimensions."""
+    missing = target_dims - x.ndim
+    if missing < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * missing]
+
+
+def sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Return σ as a float32 tensor of shape (B,) on `x`'s device, from a scalar or a (B,) tensor."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    return sigma.reshape(-1)
