@@ -34,7 +34,7 @@ def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, time
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 

@@ -121,7 +121,7 @@ def test_hugging_face_wrong_column_names_the_columns(tmp_path, monkeypatch):
     write_pngs(tmp_path / "images" / "train", count=3)
     module = ImageDataModule(dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"),
                              image_column="img", root=str(tmp_path / "cache"), val_size=1)
-    with pytest.raises(ConfigError, match="image_column.*columns: image"):
+    with pytest.raises(ConfigError, match=r"image_column.*columns: image"):
         module.prepare_data()
 
 
@@ -141,7 +141,7 @@ def test_folder_with_a_corrupt_image_names_the_file(tmp_path):
     write_pngs(tmp_path, count=2)
     (tmp_path / "broken.png").write_bytes(b"this is not a png")
     module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
-    with pytest.raises(ConfigError, match="broken.png"):
+    with pytest.raises(ConfigError, match=r"broken\.png"):
         module.prepare_data()
 
 

@@ -36,7 +36,9 @@ def test_loss_value_for_a_known_denoiser():
     # D returns the clean images shifted by 0.1 everywhere: the squared error is 0.01 per pixel.
     images = torch.zeros(3, 1, 2, 2)
     sigma = torch.tensor([0.5, 1.0, 2.0])
-    shifted = lambda x, s: torch.full_like(x, 0.1)  # noqa: E731
+    def shifted(x, s):
+        return torch.full_like(x, 0.1)
+
     torch.testing.assert_close(VELoss()(shifted, images, sigma=sigma), 0.01 / sigma**2)
 
 

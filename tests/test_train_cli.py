@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY_DIGITS, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY_DIGITS, run_script
 from vediff import VEDiffusion
 
 
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 
 
 def test_fit_writes_checkpoint_and_tensorboard_scalars(trained):
-    cwd, run_dir, after_first, first, _ = trained
+    _, run_dir, after_first, first, _ = trained
     assert after_first["global_step"] == 6
     assert "UNet2D: " in first.stdout + first.stderr and "M parameters" in first.stdout + first.stderr
     tags = scalars(run_dir)
@@ -59,7 +59,7 @@ def test_learning_rate_warms_up_linearly_in_images(trained):
 
 
 def test_resume_continues_the_same_run(trained):
-    cwd, run_dir, after_first, _, second = trained
+    _, run_dir, _, _, second = trained
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]  # no new log folder
     assert "Resuming from" in second.stderr
     after_second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -13,7 +13,7 @@ from vediff.utils import ConfigError
 
 # EDM training/training_loop.py: ema_halflife_kimg = 500, ema_rampup_ratio = 0.05.
 def ema_decay(images_per_update: int, images_seen: int, half_life_kimg: float, rampup_ratio: float | None) -> float:
-    """Per-update EMA decay β = 0.5^(b/h) for b images per update and half-life h, h ramped up as a share of images seen."""
+    """EMA decay per update, β = 0.5^(b/h), for b images per update and half-life h (ramped up early on)."""
     half_life = half_life_kimg * 1000
     if rampup_ratio is not None:
         half_life = min(half_life, images_seen * rampup_ratio)

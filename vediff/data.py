@@ -105,7 +105,8 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as image:
                 return self.transform(image.copy())
         except (UnidentifiedImageError, OSError) as error:
-            raise ConfigError(f"data.root: cannot decode image '{path}' ({error}); remove or replace the file") from None
+            message = f"data.root: cannot decode image '{path}' ({error}); remove or replace the file"
+            raise ConfigError(message) from None
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -232,7 +233,7 @@ class ImageDataModule(L.LightningDataModule):
             table = datasets.load_dataset(
                 name, data_dir=self.hf["data_dir"], split=self.hf["split"], cache_dir=str(self.root / "huggingface")
             )
-        except (ConnectionError, OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(
                 f"data.hf_name: could not load Hugging Face dataset '{name}' ({first_line}); check the name and your "

@@ -6,7 +6,7 @@ loss = λ(σ)·‖D(y + σn; σ) − y‖², averaged over pixels; each call ret
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -128,7 +128,7 @@ class VEDiffusion(L.LightningModule):
         ])
         batch_size = images.shape[0]
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        for sigma, loss in zip(self.val_sigma_grid.tolist(), losses):
+        for sigma, loss in zip(self.val_sigma_grid.tolist(), losses, strict=True):
             self.log(f"val_by_sigma/sigma_{sigma:.3g}", loss, sync_dist=True, batch_size=batch_size)
 
     def configure_optimizers(self) -> dict[str, Any]:

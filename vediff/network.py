@@ -6,6 +6,7 @@ The network is the raw F(x; c_noise) of EDM; preconditioning (vediff.preconditio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -135,9 +136,9 @@ class UNet2D(nn.Module):
         sample_size: int = 32,
         in_channels: int = 3,
         model_channels: int = 128,
-        channel_mult: list[int] = [2, 2, 2],
+        channel_mult: Sequence[int] = (2, 2, 2),
         num_blocks: int = 4,
-        attn_resolutions: list[int] = [16],
+        attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.10,
         embedding_type: Literal["positional", "fourier"] = "positional",
         channel_mult_noise: int = 1,
@@ -213,7 +214,7 @@ class UNet2D(nn.Module):
         for block in self.encoder:
             x = block(x, emb)
             skips.append(x)
-        for block, takes_skip in zip(self.decoder, self.decoder_takes_skip):
+        for block, takes_skip in zip(self.decoder, self.decoder_takes_skip, strict=True):
             if takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
@@ -221,8 +222,8 @@ class UNet2D(nn.Module):
 
 
 def _check_config(
-    sample_size: int, in_channels: int, model_channels: int, channel_mult: list[int], num_blocks: int,
-    attn_resolutions: list[int], dropout: float, channels_per_head: int, **_: object,
+    sample_size: int, in_channels: int, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
+    attn_resolutions: Sequence[int], dropout: float, channels_per_head: int, **_: object,
 ) -> None:
     """Raise a ConfigError naming the first UNet2D argument that cannot build a network."""
     field = "model.net.init_args"
