@@ -5,18 +5,43 @@ from vediff.data import ImageDataModule
 from vediff.losses import EDMLoss, VELoss
 from vediff.module import VEDiffusion
 from vediff.network import UNet2D
+from vediff.pipelines import PIPELINES, DDIMPipeline, ImagePipelineOutput, KarrasVePipeline, ScoreSdeVePipeline
 from vediff.preconditioning import EDMPrecond, VEPrecond
+from vediff.samplers import SAMPLERS, sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.schedulers import (
+    DDIMScheduler,
+    DDIMSchedulerOutput,
+    KarrasVeOutput,
+    KarrasVeScheduler,
+    ScoreSdeVeScheduler,
+    SdeVeOutput,
+)
 from vediff.utils import ConfigError, append_dims
 
 __all__ = [
+    "PIPELINES",
+    "SAMPLERS",
     "ConfigError",
+    "DDIMPipeline",
+    "DDIMScheduler",
+    "DDIMSchedulerOutput",
     "EDMLoss",
     "EDMPrecond",
     "HalfLifeEMA",
     "ImageDataModule",
+    "ImagePipelineOutput",
+    "KarrasVeOutput",
+    "KarrasVePipeline",
+    "KarrasVeScheduler",
+    "ScoreSdeVePipeline",
+    "ScoreSdeVeScheduler",
+    "SdeVeOutput",
     "UNet2D",
     "VEDiffusion",
     "VELoss",
     "VEPrecond",
     "append_dims",
+    "sample_ddim",
+    "sample_karras_ve",
+    "sample_score_sde_ve",
 ]

@@ -1,0 +1,213 @@
+"""Unconditional image pipelines with the API of the seed documents, over any denoiser D(x, sigma).
+
+`unet` is any module or callable following vediff's denoiser contract (`VEDiffusion.denoiser`, an `EDMPrecond`, an
+analytic denoiser in a test) with `in_channels` and `sample_size` attributes. Images come out in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from einops import rearrange
+
+from vediff.samplers import (
+    Denoiser,
+    Generators,
+    noise_from,
+    randn,
+    sample_ddim,
+    sample_karras_ve,
+    sample_score_sde_ve,
+)
+from vediff.schedulers import DDIMScheduler, KarrasVeScheduler, Output, Scheduler, ScoreSdeVeScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ImagePipelineOutput(Output):
+    """`images`: a list of PIL images, an array (B, H, W, C) in [0, 1] ("np"), or a tensor (B, C, H, W) ("pt")."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class ImagePipeline:
+    """What the three pipelines share: the denoiser, its scheduler, input checks, initial noise and output format.
+
+    Extra keyword arguments of `__call__`: `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
+    and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised).
+    """
+
+    def __init__(self, unet: Denoiser, scheduler: Scheduler) -> None:
+        self.unet = unet
+        self.scheduler = scheduler
+        self._progress_bar_config: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(iter(self.unet.parameters()), None) if isinstance(self.unet, torch.nn.Module) else None
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm progress bar (e.g. `disable=True`)."""
+        self._progress_bar_config = dict(kwargs)
+
+    def _progress(self) -> dict[str, Any]:
+        return {"disable": False, "leave": False, **self._progress_bar_config}
+
+    def _check(self, batch_size: int, num_inference_steps: int, output_type: str, extra: dict[str, Any]) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size} must be a positive integer")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} must be a positive integer")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+        unknown = set(extra) - {"dtype", "callback"}
+        if unknown:
+            raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are dtype and callback")
+
+    def _initial_noise(self, batch_size: int, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise (B, C, H, W) from `generator`, drawn first, before any step's noise."""
+        shape = (batch_size, self.unet.in_channels, self.unet.sample_size, self.unet.sample_size)
+        return randn(shape, generator, self.device).to(dtype)
+
+    @staticmethod
+    def _output(x: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        images = ((x.float() + 1) / 2).clamp(0, 1)
+        if output_type == "np":
+            images = rearrange(images, "b c h w -> b h w c").cpu().numpy()
+        elif output_type == "pil":
+            pixels = (rearrange(images, "b c h w -> b h w c") * 255).round().to(torch.uint8).cpu().numpy()
+            images = [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+        return ImagePipelineOutput(images) if return_dict else (images,)
+
+
+# EDM (Karras et al. 2022) Algorithm 2 with KarrasVeScheduler's σ schedule.
+class KarrasVePipeline(ImagePipeline):
+    """Stochastic sampling of Karras et al. (2022) tailored to VE models: 2N − 1 denoiser evaluations for N steps.
+
+    Args:
+        unet: The denoiser D(x, sigma) (e.g. `VEDiffusion.denoiser`).
+        scheduler: A `KarrasVeScheduler`.
+    """
+
+    def __init__(self, unet: Denoiser, scheduler: KarrasVeScheduler) -> None:
+        super().__init__(unet, scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        generator: Generators = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        self._check(batch_size, num_inference_steps, output_type, kwargs)
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(num_inference_steps)
+        x = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32)) * scheduler.sigmas[0].item()
+        x = sample_karras_ve(
+            self.unet, x, scheduler.sigmas, s_churn=config["s_churn"], s_min=config["s_min"], s_max=config["s_max"],
+            s_noise=config["s_noise"], noise=noise_from(generator), callback=kwargs.get("callback"),
+            progress=self._progress(),
+        )
+        return self._output(x, output_type, return_dict)
+
+
+# Song et al. (2021), predictor–corrector sampling of the VE SDE.
+class ScoreSdeVePipeline(ImagePipeline):
+    """Predictor–corrector sampling of the VE SDE (Song et al. 2021): N·(correct_steps + 1) evaluations.
+
+    The output is the last noise-free mean. The scheduler's σ range should be the model's own (the seed defaults
+    suit 1024-px models with data in [0, 1]).
+
+    Args:
+        unet: The denoiser D(x, sigma); its score (D − x)/σ² drives the sampler.
+        scheduler: A `ScoreSdeVeScheduler`.
+    """
+
+    def __init__(self, unet: Denoiser, scheduler: ScoreSdeVeScheduler) -> None:
+        super().__init__(unet, scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 2000,
+        generator: Generators = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        self._check(batch_size, num_inference_steps, output_type, kwargs)
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_sigmas(num_inference_steps)
+        x = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32)) * scheduler.init_noise_sigma
+        x = sample_score_sde_ve(
+            self.unet, x, scheduler.update_sigmas(), snr=config["snr"], correct_steps=config["correct_steps"],
+            model_sigmas=scheduler.sigmas, per_sample_step_size=config["step_size_per_sample"],
+            noise=noise_from(generator), callback=kwargs.get("callback"), progress=self._progress(),
+        )
+        return self._output(x, output_type, return_dict)
+
+
+# DDIM (Song, Meng, Ermon 2021), run in the VE frame of a σ-denoiser.
+class DDIMPipeline(ImagePipeline):
+    """Denoising diffusion implicit models (Song et al. 2021): N denoiser evaluations.
+
+    The scheduler's DDPM timesteps t become VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t); on the same starting noise the
+    images equal those of the paper's VP-form DDIM with ε̂ = (x − D)/σ.
+
+    Args:
+        unet: The denoiser D(x, sigma).
+        scheduler: A `DDIMScheduler`.
+    """
+
+    def __init__(self, unet: Denoiser, scheduler: DDIMScheduler) -> None:
+        super().__init__(unet, scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Generators = None,
+        eta: float = 0.0,
+        num_inference_steps: int = 50,
+        use_clipped_model_output: bool | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        self._check(batch_size, num_inference_steps, output_type, kwargs)
+        if eta < 0:
+            raise ValueError(f"eta: {eta} must be 0 or more")
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(num_inference_steps)
+        sigmas = scheduler.sigmas()
+        # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame.
+        z = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32))
+        x = sample_ddim(
+            self.unet, z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
+            clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
+            use_clipped_model_output=bool(use_clipped_model_output), noise=noise_from(generator),
+            callback=kwargs.get("callback"), progress=self._progress(),
+        )
+        return self._output(x / math.sqrt(1 + sigmas[-1].item() ** 2), output_type, return_dict)
+
+
+# The pipelines by name, for the command line and the sampler callbacks.
+PIPELINES: dict[str, tuple[type[ImagePipeline], type[Scheduler]]] = {
+    "karras_ve": (KarrasVePipeline, KarrasVeScheduler),
+    "score_sde_ve": (ScoreSdeVePipeline, ScoreSdeVeScheduler),
+    "ddim": (DDIMPipeline, DDIMScheduler),
+}
+
+

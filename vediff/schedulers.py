@@ -1,0 +1,438 @@
+"""Schedulers with the API of the seed documents (the reference library's KarrasVe, ScoreSdeVe and DDIM).
+
+Each keeps its constructor arguments in `config`. The step methods take tensors and return output dataclasses (or
+tuples with `return_dict=False`); `vediff.samplers` holds the same algorithms as loops over a σ schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from vediff.preconditioning import check_sigma_range
+from vediff.samplers import Generators, langevin_step_size, randn
+from vediff.schedules import (
+    Spacing,
+    append_zero,
+    ddim_alphas_cumprod,
+    ddim_timesteps,
+    karras_sigmas,
+    score_sde_ve_sigmas,
+    ve_sigmas,
+)
+from vediff.utils import append_dims
+
+
+class Output:
+    """Dataclass outputs readable by attribute, by key (`out["derivative"]`) or by position, as in the seed API."""
+
+    def __getitem__(self, key: str | int) -> Any:
+        return getattr(self, key) if isinstance(key, str) else astuple(self)[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.keys())
+
+
+@dataclass
+class KarrasVeOutput(Output):
+    prev_sample: torch.Tensor
+    derivative: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+@dataclass
+class SdeVeOutput(Output):
+    prev_sample: torch.Tensor
+    prev_sample_mean: torch.Tensor
+
+
+@dataclass
+class SchedulerOutput(Output):
+    prev_sample: torch.Tensor
+
+
+@dataclass
+class DDIMSchedulerOutput(Output):
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class Scheduler:
+    """Keeps the constructor arguments as `config`."""
+
+    config: dict[str, Any]
+
+    def _store_config(self, **config: Any) -> None:
+        self.config = dict(config)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """These schedulers need no input scaling; kept for interchangeability with those that do."""
+        return sample
+
+    def _require_timesteps(self) -> None:
+        if self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
+
+
+# EDM (Karras et al. 2022) Algorithm 2 and Table 1 (VE column); defaults from EDM Table 5 (VE).
+class KarrasVeScheduler(Scheduler):
+    """Stochastic sampling of Karras et al. (2022) tailored to VE models.
+
+    `set_timesteps(N)` makes N noise levels σ_0 > … > σ_{N−1} from `sigma_max` to `sigma_min`: geometric (the VE
+    discretization of EDM Table 1, the default) or EDM's ρ schedule (`sigma_schedule="karras"`). Unlike the widely
+    used port, which stores σ² in its schedule and uses it as σ (a first σ of 10 000 for σ_max = 100), `schedule`
+    holds σ itself, as in the paper. `model_output` means (D − x)/σ.
+
+    Args:
+        sigma_min: Smallest noise level of the schedule.
+        sigma_max: Largest noise level; the initial noise is σ_max·z.
+        s_noise: Scale of the churn noise (EDM's S_noise), compensating detail loss; typically 1.000–1.011.
+        s_churn: Overall stochasticity (EDM's S_churn); γ = min(S_churn/N, √2 − 1). 0 makes sampling deterministic.
+        s_min: Lower end of the σ range where churn is applied.
+        s_max: Upper end of the σ range where churn is applied.
+        sigma_schedule: "ve" (geometric in σ) or "karras" (EDM's ρ schedule).
+        rho: ρ of the "karras" schedule (EDM: 7).
+    """
+
+    def __init__(
+        self,
+        sigma_min: float = 0.02,
+        sigma_max: float = 100,
+        s_noise: float = 1.007,
+        s_churn: float = 80,
+        s_min: float = 0.05,
+        s_max: float = 50,
+        sigma_schedule: Literal["ve", "karras"] = "ve",
+        rho: float = 7.0,
+    ) -> None:
+        check_sigma_range(sigma_min, sigma_max, "KarrasVeScheduler")
+        if s_churn < 0 or s_noise < 0:
+            raise ValueError(f"KarrasVeScheduler: s_churn ({s_churn}) and s_noise ({s_noise}) must be 0 or more")
+        if sigma_schedule not in ("ve", "karras"):
+            raise ValueError(f"KarrasVeScheduler: sigma_schedule '{sigma_schedule}' is not 've' or 'karras'")
+        self._store_config(sigma_min=sigma_min, sigma_max=sigma_max, s_noise=s_noise, s_churn=s_churn, s_min=s_min,
+                           s_max=s_max, sigma_schedule=sigma_schedule, rho=rho)
+        self.init_noise_sigma = sigma_max
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.schedule: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Set N noise levels. `sigmas` is σ_0 … σ_{N−1}, 0 (descending, on the CPU, float64); `timesteps` runs
+        N−1 … 0 and `schedule[t]` is σ at timestep t, so `schedule[timesteps[i]] == sigmas[i]`."""
+        c = self.config
+        if c["sigma_schedule"] == "ve":
+            sigmas = ve_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"])
+        else:
+            sigmas = karras_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"], c["rho"])
+        self.num_inference_steps = num_inference_steps
+        self.sigmas = append_zero(sigmas)
+        self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
+        self.schedule = sigmas.flip(0).to(device=device, dtype=torch.float32)
+
+    def gamma(self, sigma: float) -> float:
+        """Churn factor γ_i for noise level σ_i."""
+        c = self.config
+        inside = c["s_min"] <= sigma <= c["s_max"]
+        return min(c["s_churn"] / self.num_inference_steps, math.sqrt(2) - 1) if inside else 0.0
+
+    def add_noise_to_input(
+        self, sample: torch.Tensor, sigma: float | torch.Tensor, generator: Generators = None
+    ) -> tuple[torch.Tensor, float]:
+        """The churn step: raise the noise from σ to σ̂ = σ·(1 + γ) with fresh noise (EDM Algorithm 2, lines 5–6)."""
+        self._require_timesteps()
+        sigma = float(sigma)
+        eps = self.config["s_noise"] * randn(sample.shape, generator, sample.device).to(sample.dtype)
+        sigma_hat = sigma * (1 + self.gamma(sigma))
+        return sample + math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        sigma_hat: float,
+        sigma_prev: float,
+        sample_hat: torch.Tensor,
+        return_dict: bool = True,
+    ) -> KarrasVeOutput | tuple:
+        """Euler step from σ̂ to σ_prev (EDM Algorithm 2, lines 7–8)."""
+        pred_original_sample = sample_hat + sigma_hat * model_output
+        derivative = (sample_hat - pred_original_sample) / sigma_hat
+        sample_prev = sample_hat + (sigma_prev - sigma_hat) * derivative
+        if not return_dict:
+            return sample_prev, derivative
+        return KarrasVeOutput(sample_prev, derivative, pred_original_sample)
+
+    def step_correct(
+        self,
+        model_output: torch.Tensor,
+        sigma_hat: float,
+        sigma_prev: float,
+        sample_hat: torch.Tensor,
+        sample_prev: torch.Tensor,
+        derivative: torch.Tensor,
+        return_dict: bool = True,
+    ) -> KarrasVeOutput | tuple:
+        """Heun correction with the derivative at the Euler result (EDM Algorithm 2, lines 9–11)."""
+        pred_original_sample = sample_prev + sigma_prev * model_output
+        derivative_corr = (sample_prev - pred_original_sample) / sigma_prev
+        sample_prev = sample_hat + (sigma_prev - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
+        if not return_dict:
+            return sample_prev, derivative
+        return KarrasVeOutput(sample_prev, derivative, pred_original_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor):
+        """x = y + σ·n."""
+        sigma = torch.as_tensor(sigma, dtype=original_samples.dtype, device=original_samples.device)
+        return original_samples + append_dims(sigma.reshape(-1), original_samples.ndim) * noise
+
+
+# Song et al. 2021, VE SDE predictor–corrector, with the reference code's time grid.
+class ScoreSdeVeScheduler(Scheduler):
+    """Predictor–corrector sampling of the VE SDE (Song et al. 2021). `model_output` is the score (D − x)/σ².
+
+    Args:
+        num_train_timesteps: Size of the discrete σ grid used before `set_sigmas` is called.
+        snr: Signal-to-noise ratio that sets the Langevin corrector's step size.
+        sigma_min: Smallest noise level σ(0) (the seed's default suits 1024-px models with data in [0, 1]).
+        sigma_max: Largest noise level σ(1); the initial noise is σ_max·z.
+        sampling_eps: Last time of the grid, t_N = ε (sampling stops just above t = 0).
+        correct_steps: Langevin corrector steps before each predictor step.
+        step_size_per_sample: Use each image's own norms for the Langevin step size instead of the batch average,
+            so an image depends only on its own generator (the reference averages over the batch).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 2000,
+        snr: float = 0.15,
+        sigma_min: float = 0.01,
+        sigma_max: float = 1348.0,
+        sampling_eps: float = 1e-5,
+        correct_steps: int = 1,
+        step_size_per_sample: bool = False,
+    ) -> None:
+        check_sigma_range(sigma_min, sigma_max, "ScoreSdeVeScheduler")
+        if snr < 0:
+            raise ValueError(f"ScoreSdeVeScheduler: snr ({snr}) must be 0 or more")
+        if correct_steps < 0:
+            raise ValueError(f"ScoreSdeVeScheduler: correct_steps ({correct_steps}) must be 0 or more")
+        if not 0 < sampling_eps < 1:
+            raise ValueError(f"ScoreSdeVeScheduler: sampling_eps ({sampling_eps}) must be in (0, 1)")
+        self._store_config(num_train_timesteps=num_train_timesteps, snr=snr, sigma_min=sigma_min,
+                           sigma_max=sigma_max, sampling_eps=sampling_eps, correct_steps=correct_steps,
+                           step_size_per_sample=step_size_per_sample)
+        self.init_noise_sigma = sigma_max
+        self.timesteps: torch.Tensor | None = None
+        self.set_sigmas(num_train_timesteps, sigma_min, sigma_max, sampling_eps)
+
+    def set_timesteps(
+        self, num_inference_steps: int, sampling_eps: float | None = None, device: str | torch.device | None = None
+    ) -> None:
+        """Continuous times t_i = linspace(1, ε, N)."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} must be at least 1")
+        sampling_eps = self.config["sampling_eps"] if sampling_eps is None else sampling_eps
+        self.timesteps = torch.linspace(1, sampling_eps, num_inference_steps, device=device)
+
+    def set_sigmas(
+        self,
+        num_inference_steps: int,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sampling_eps: float | None = None,
+    ) -> None:
+        """`sigmas[i]` = σ(t_i), where the model is evaluated; `discrete_sigmas` = the geometric grid of N levels
+        from σ_min to σ_max that the predictor's update uses, at index k_i = ⌊t_i·(N − 1)⌋."""
+        sigma_min = self.config["sigma_min"] if sigma_min is None else sigma_min
+        sigma_max = self.config["sigma_max"] if sigma_max is None else sigma_max
+        check_sigma_range(sigma_min, sigma_max, "ScoreSdeVeScheduler.set_sigmas")
+        if self.timesteps is None:
+            self.set_timesteps(num_inference_steps, sampling_eps)
+        self.sigma_range = (sigma_min, sigma_max)
+        self.sigmas = score_sde_ve_sigmas(sigma_min, sigma_max, self.timesteps.cpu().double()).float()
+        self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), num_inference_steps))
+
+    def grid_indices(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """k = ⌊t·(N − 1)⌋, computed in float32 as the reference does."""
+        return (timesteps.float().cpu() * (len(self.timesteps) - 1)).long()
+
+    def update_sigmas(self) -> torch.Tensor:
+        """The predictor's noise levels per step, σ^d_{k_0}, …, σ^d_{k_{N−1}}, then the level below the last (σ^d_{−1}
+        := 0): the `sigmas` argument of `vediff.samplers.sample_score_sde_ve`."""
+        self._require_timesteps()
+        k = self.grid_indices(self.timesteps)
+        below = torch.where(k[-1:] > 0, self.discrete_sigmas[(k[-1:] - 1).clamp(min=0)], torch.zeros(1))
+        return torch.cat([self.discrete_sigmas[k], below])
+
+    def step_pred(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: Generators = None,
+        return_dict: bool = True,
+    ) -> SdeVeOutput | tuple:
+        """Reverse-diffusion predictor: x_mean = x + G²·score, x = x_mean + G·z, G² = (σ^d_k)² − (σ^d_{k−1})²."""
+        self._require_timesteps()
+        k = self.grid_indices(torch.as_tensor(timestep).reshape(-1))
+        sigma = self.discrete_sigmas[k]
+        below = torch.where(k == 0, torch.zeros_like(sigma), self.discrete_sigmas[(k - 1).clamp(min=0)])
+        diffusion = append_dims((sigma**2 - below**2).sqrt().to(sample.device, sample.dtype), sample.ndim)
+        noise = randn(sample.shape, generator, sample.device).to(sample.dtype)
+        prev_sample_mean = sample + diffusion**2 * model_output
+        prev_sample = prev_sample_mean + diffusion * noise
+        if not return_dict:
+            return prev_sample, prev_sample_mean
+        return SdeVeOutput(prev_sample, prev_sample_mean)
+
+    def step_correct(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        generator: Generators = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """Langevin corrector: x = x + ε·score + √(2ε)·z with ε = 2·(snr·‖z‖/‖score‖)²."""
+        self._require_timesteps()
+        noise = randn(sample.shape, generator, sample.device).to(sample.dtype)
+        step = langevin_step_size(model_output, noise, self.config["snr"], self.config["step_size_per_sample"])
+        step = append_dims(step, sample.ndim)
+        prev_sample = sample + step * model_output + (2 * step).sqrt() * noise
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor | None, timesteps: torch.Tensor):
+        """x = y + σ^d_t·n for integer grid indices `timesteps`."""
+        sigmas = append_dims(self.discrete_sigmas.to(original_samples.device)[timesteps], original_samples.ndim)
+        noise = torch.randn_like(original_samples) if noise is None else noise
+        return original_samples + noise * sigmas
+
+    def __len__(self) -> int:
+        return self.config["num_train_timesteps"]
+
+
+# DDIM (Song, Meng, Ermon 2021), eq. 12 and §4.2, on DDPM's linear β schedule.
+class DDIMScheduler(Scheduler):
+    """DDIM in the VP form of the paper; `model_output` is the predicted noise ε̂.
+
+    Unlike the reference library, each step goes to the actual next entry of the timestep list (it uses t − T/N,
+    which is wrong for "linspace" and for "trailing" when N does not divide T); for "leading" spacing both agree.
+
+    Args:
+        num_train_timesteps: T, the number of training timesteps.
+        beta_start: β at t = 0.
+        beta_end: β at t = T − 1.
+        beta_schedule: "linear" (DDPM) or "scaled_linear".
+        clip_sample: Clip the predicted x0 to [−clip_sample_range, clip_sample_range].
+        set_alpha_to_one: The step after t = 0 goes to ᾱ = 1 (noise-free); otherwise to ᾱ_0.
+        steps_offset: Added to every "leading" timestep.
+        prediction_type: Only "epsilon" (the model output is ε̂).
+        timestep_spacing: "leading", "trailing", "linspace" or the paper's "quadratic".
+        clip_sample_range: Clipping bound for the predicted x0.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: Literal["linear", "scaled_linear"] = "linear",
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: Literal["epsilon"] = "epsilon",
+        timestep_spacing: Spacing = "leading",
+        clip_sample_range: float = 1.0,
+    ) -> None:
+        if prediction_type != "epsilon":
+            raise ValueError(f"DDIMScheduler: prediction_type '{prediction_type}' is not supported; use 'epsilon'")
+        if timestep_spacing not in ("leading", "trailing", "linspace", "quadratic"):
+            raise ValueError(f"DDIMScheduler: timestep_spacing '{timestep_spacing}' is not one of leading, "
+                             "trailing, linspace, quadratic")
+        self._store_config(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                           beta_schedule=beta_schedule, clip_sample=clip_sample, set_alpha_to_one=set_alpha_to_one,
+                           steps_offset=steps_offset, prediction_type=prediction_type,
+                           timestep_spacing=timestep_spacing, clip_sample_range=clip_sample_range)
+        self.alphas_cumprod = ddim_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self._previous: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """The N timesteps to visit, descending, by `timestep_spacing`."""
+        c = self.config
+        steps = ddim_timesteps(c["num_train_timesteps"], num_inference_steps, c["timestep_spacing"], c["steps_offset"])
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.tensor(steps, device=device)
+        self._previous = dict(zip(steps, [*steps[1:], -1], strict=True))
+
+    def alpha_cumprod(self, timestep: int) -> float:
+        """ᾱ_t, with ᾱ_{−1} = 1 (or ᾱ_0 when set_alpha_to_one is off)."""
+        return float(self.alphas_cumprod[timestep]) if timestep >= 0 else self.final_alpha_cumprod
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The entry after `timestep` in the list (−1 after the last)."""
+        self._require_timesteps()
+        timestep = int(timestep)
+        if timestep not in self._previous:
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; call set_timesteps first")
+        return self._previous[timestep]
+
+    def sigmas(self) -> torch.Tensor:
+        """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the final ᾱ (0 by default):
+        the `sigmas` argument of `vediff.samplers.sample_ddim`."""
+        self._require_timesteps()
+        alphas = [self.alpha_cumprod(int(t)) for t in self.timesteps] + [self.final_alpha_cumprod]
+        return ((1 - torch.tensor(alphas, dtype=torch.float64)) / torch.tensor(alphas, dtype=torch.float64)).sqrt()
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: Generators = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One DDIM step from `timestep` to the next entry of the list (paper eq. 12)."""
+        if eta < 0:
+            raise ValueError(f"eta: {eta} must be 0 or more")
+        alpha = self.alpha_cumprod(int(timestep))
+        alpha_prev = self.alpha_cumprod(self.previous_timestep(timestep))
+        pred_original_sample = (sample - math.sqrt(1 - alpha) * model_output) / math.sqrt(alpha)
+        eps = model_output
+        if self.config["clip_sample"]:
+            bound = self.config["clip_sample_range"]
+            pred_original_sample = pred_original_sample.clamp(-bound, bound)
+        if use_clipped_model_output:
+            eps = (sample - math.sqrt(alpha) * pred_original_sample) / math.sqrt(1 - alpha)
+        std = eta * math.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
+        direction = math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
+        prev_sample = math.sqrt(alpha_prev) * pred_original_sample + direction
+        if eta > 0:
+            if variance_noise is None:
+                variance_noise = randn(model_output.shape, generator, model_output.device).to(model_output.dtype)
+            prev_sample = prev_sample + std * variance_noise
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDIMSchedulerOutput(prev_sample, pred_original_sample)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε."""
+        alpha = append_dims(self.alphas_cumprod[timesteps.cpu()].to(original_samples), original_samples.ndim)
+        return alpha.sqrt() * original_samples + (1 - alpha).sqrt() * noise
+
+    def __len__(self) -> int:
+        return self.config["num_train_timesteps"]

@@ -1,0 +1,103 @@
+"""Noise-level schedules, kept apart from the solvers that walk them (k-diffusion style).
+
+Every σ schedule here is a float64 CPU tensor, descending; samplers take it with a trailing 0 appended.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from vediff.preconditioning import check_sigma_range
+
+Spacing = Literal["leading", "trailing", "linspace", "quadratic"]
+
+
+def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    """Append σ_N = 0, the noise-free end point every sampler finishes at."""
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _check_steps(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_inference_steps: {n} must be a positive integer")
+
+
+# EDM Table 1, VE column: σ_i = √t_i with t_i = σ_max²·(σ_min²/σ_max²)^(i/(N−1)), i.e. σ geometric.
+def ve_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """N noise levels, geometric from σ_max down to σ_min (Karras et al. 2022, Table 1, VE)."""
+    _check_steps(n)
+    check_sigma_range(sigma_min, sigma_max, "ve_sigmas")
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    return sigma_max * (sigma_min / sigma_max) ** (i / (n - 1))
+
+
+# EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ.
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """N noise levels from σ_max to σ_min, spaced by EDM's ρ schedule (Karras et al. 2022, eq. 5)."""
+    _check_steps(n)
+    check_sigma_range(sigma_min, sigma_max, "karras_sigmas")
+    if not rho > 0:
+        raise ValueError(f"rho: {rho} must be positive")
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+# Song et al. 2021, VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t, with the discrete grid of the reference code.
+def score_sde_ve_sigmas(sigma_min: float, sigma_max: float, t: torch.Tensor) -> torch.Tensor:
+    """Continuous VE-SDE noise level σ(t) = σ_min·(σ_max/σ_min)^t (Song et al. 2021)."""
+    return sigma_min * (sigma_max / sigma_min) ** t
+
+
+# DDPM (Ho et al. 2020) linear β; "scaled_linear" as in latent diffusion; ᾱ_t = Π (1 − β).
+def ddim_alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    beta_schedule: Literal["linear", "scaled_linear"] = "linear",
+) -> torch.Tensor:
+    """ᾱ_t for t = 0 … T−1 (float64)."""
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"beta_schedule: '{beta_schedule}' is not 'linear' or 'scaled_linear'")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+# DDIM (Song, Meng, Ermon 2021) §D.2 and the reference library's spacings.
+def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing = "leading", steps_offset: int = 0) -> list[int]:
+    """The N training timesteps DDIM visits, descending.
+
+    leading: i·⌊T/N⌋; trailing: round(T − i·T/N) − 1; linspace: round(linspace(0, T−1, N));
+    quadratic (the paper's CIFAR-10 choice): ⌊(i·√(0.8T)/(N−1))²⌋.
+    """
+    _check_steps(n)
+    T = num_train_timesteps
+    if n > T:
+        raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps ({T})")
+    if spacing == "leading":
+        steps = np.arange(n) * (T // n) + steps_offset
+    elif spacing == "trailing":
+        steps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        steps = np.linspace(0, T - 1, n).round()
+    elif spacing == "quadratic":
+        steps = np.floor(np.linspace(0, math.sqrt(0.8 * T), n) ** 2)
+    else:
+        raise ValueError(f"timestep_spacing: '{spacing}' is not one of leading, trailing, linspace, quadratic")
+    return sorted((int(s) for s in steps), reverse=True)
+
+
+def vp_to_ve_sigma(alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ = √((1 − ᾱ)/ᾱ): the VE noise level of a VP state x_vp = √ᾱ·x_ve."""
+    return ((1 - alpha_cumprod) / alpha_cumprod).sqrt()
