@@ -26,6 +26,10 @@ TINY_DIGITS = [
     "--checkpoint.every_n_epochs", "1",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
+    "--sample_grids.every_n_val_epochs", "1",
+    "--sample_grids.num_images", "4",
+    "--sample_grids.samplers",
+    '[{"sampler": "karras_ve", "steps": 3}, {"sampler": "score_sde_ve", "steps": 3}, {"sampler": "ddim", "steps": 3}]',
 ]
 
 

@@ -49,6 +49,20 @@ def test_fit_writes_checkpoint_and_tensorboard_scalars(trained):
     assert all(value > 0 for _, value in tags["train/images_per_sec"])
 
 
+def test_sample_grids_reach_tensorboard(trained):
+    _, run_dir, *_ = trained
+    events = EventAccumulator(sorted(glob.glob(str(run_dir / "events.out.tfevents.*")))[0], size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/ddim", "samples/karras_ve", "samples/score_sde_ve"]
+    grids = events.Images("samples/karras_ve")
+    assert [g.step for g in grids] == [3, 6]  # one grid per validation, at the step it ran
+    assert (grids[0].width, grids[0].height) == (2 * 9 + 1, 2 * 9 + 1)  # 4 images of 8×8 in a 2×2 grid, padding 1
+    values = scalars(run_dir)
+    assert [v for _, v in values["samples_nfe/karras_ve"]][:1] == [5.0]  # 2·3 − 1
+    assert [v for _, v in values["samples_nfe/score_sde_ve"]][:1] == [6.0]  # 3·(1 + 1)
+    assert all(v > 0 for _, v in values["samples_seconds/ddim"])
+
+
 def test_learning_rate_warms_up_linearly_in_images(trained):
     _, run_dir, *_ = trained
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())

@@ -1,6 +1,6 @@
 """vediff: train and sample variance-exploding (VE) and EDM-preconditioned diffusion models with PyTorch Lightning."""
 
-from vediff.callbacks import HalfLifeEMA
+from vediff.callbacks import HalfLifeEMA, SampleGrids
 from vediff.data import ImageDataModule
 from vediff.losses import EDMLoss, VELoss
 from vediff.module import VEDiffusion
@@ -8,6 +8,7 @@ from vediff.network import UNet2D
 from vediff.pipelines import PIPELINES, DDIMPipeline, ImagePipelineOutput, KarrasVePipeline, ScoreSdeVePipeline
 from vediff.preconditioning import EDMPrecond, VEPrecond
 from vediff.samplers import SAMPLERS, sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.sampling import SamplerConfig
 from vediff.schedulers import (
     DDIMScheduler,
     DDIMSchedulerOutput,
@@ -33,6 +34,8 @@ __all__ = [
     "KarrasVeOutput",
     "KarrasVePipeline",
     "KarrasVeScheduler",
+    "SampleGrids",
+    "SamplerConfig",
     "ScoreSdeVePipeline",
     "ScoreSdeVeScheduler",
     "SdeVeOutput",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torchvision.utils import make_grid
 
+from vediff.sampling import SamplerConfig
 from vediff.utils import ConfigError
 
 
@@ -68,3 +74,71 @@ class HalfLifeEMA(EMAWeightAveraging):
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
         else:
             torch._foreach_copy_(averaged, current)
+
+
+class SampleGrids(Callback):
+    """Every N validations, one grid per sampler from fixed seeds into TensorBoard (`samples/<name>`), with the
+    network evaluations per image and the seconds taken as scalars (`samples_nfe/<name>`, `samples_seconds/<name>`).
+
+    Sampling happens inside the validation loop, where EMAWeightAveraging has swapped the averaged weights in, on
+    rank zero only (the other ranks go on and meet it at the next collective). Image i of a grid is the image
+    `sample.py --seeds` draws for seed `seed + i`, so grids compare from epoch to epoch and with sample.py.
+
+    Args:
+        samplers: Samplers and their settings; σ bounds left unset are the model's training range.
+        every_n_val_epochs: Draw at every this many validation runs.
+        num_images: Images per grid.
+        seed: Seed of the first image.
+    """
+
+    def __init__(
+        self,
+        samplers: list[SamplerConfig] | None = None,
+        every_n_val_epochs: int = 1,
+        num_images: int = 64,
+        seed: int = 0,
+    ) -> None:
+        samplers = [SamplerConfig()] if samplers is None else samplers
+        labels = [config.label for config in samplers]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"sample_grids.samplers: names {labels} repeat; give each a distinct `name`")
+        if every_n_val_epochs < 1 or num_images < 1:
+            raise ConfigError("sample_grids: every_n_val_epochs and num_images must be at least 1")
+        self.samplers = samplers
+        self.every_n_val_epochs = every_n_val_epochs
+        self.num_images = num_images
+        self.seed = seed
+        self.validations = 0
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0 or not self.samplers:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_val_epochs == 0 and trainer.is_global_zero:
+            self.draw(trainer, pl_module.denoiser)
+
+    def draw(self, trainer: L.Trainer, denoiser: torch.nn.Module) -> None:
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None:
+            rank_zero_warn("SampleGrids draws into TensorBoard; add a TensorBoardLogger to see the grids")
+            return
+        seeds = range(self.seed, self.seed + self.num_images)
+        for config in self.samplers:
+            start = time.perf_counter()
+            with trainer.precision_plugin.forward_context():
+                images = config.generate(config.pipeline(denoiser), seeds)
+            images = images.float().cpu()  # waits for the device, so the time below is the sampling time
+            seconds = time.perf_counter() - start
+            grid = make_grid(images, nrow=math.ceil(math.sqrt(self.num_images)), padding=1)
+            logger.experiment.add_image(f"samples/{config.label}", grid, trainer.global_step)
+            logger.log_metrics({f"samples_nfe/{config.label}": config.nfe,
+                                f"samples_seconds/{config.label}": seconds}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict["validations"]

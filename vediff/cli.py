@@ -10,10 +10,10 @@ from typing import NoReturn
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from vediff.callbacks import HalfLifeEMA
+from vediff.callbacks import HalfLifeEMA, SampleGrids
 from vediff.data import ImageDataModule, resolve_channels
 from vediff.module import VEDiffusion
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, fail
 
 
 def one_line(message: str) -> str:
@@ -29,8 +29,7 @@ class OneLineParser(LightningArgumentParser):
     """Reports a bad flag or config value as one line on stderr and exits with status 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(message)}\n")
-        sys.exit(2)
+        fail(one_line(message))
 
 
 class VediffCLI(LightningCLI):
@@ -46,6 +45,7 @@ class VediffCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "snapshot")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(SampleGrids, "sample_grids")
         parser.set_defaults({
             "model.net": {"class_path": "vediff.UNet2D"},
             # `checkpoint` keeps one rolling checkpoint with last.ckpt linked to it (Lightning writes last.ckpt only
@@ -121,5 +121,4 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
             },
         )
     except ConfigError as error:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(str(error))}\n")
-        sys.exit(2)
+        fail(one_line(str(error)))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import NoReturn
+
 import torch
 
 
 class ConfigError(ValueError):
     """A user mistake (a config value, a path, a flag). The CLI prints its message as one line and exits non-zero."""
+
+
+def fail(message: str) -> NoReturn:
+    """End a command-line program over a user mistake: one line on stderr, exit status 2, no traceback."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(2)
 
 
 # k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.

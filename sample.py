@@ -1,0 +1,18 @@
+"""Sample images from a trained vediff checkpoint.
+
+    python sample.py --sampler karras_ve                       # newest lightning_logs/**/last.ckpt, seeds 0-63
+    python sample.py --ckpt path/to/last.ckpt --sampler ddim --steps 50 --eta 0 --grid
+    python sample.py --sampler score_sde_ve --steps 500 --snr 0.16 --seeds 0-999 --npz
+    python sample.py --sampler karras_ve --steps 64 --s-churn 40 --s-noise 1.007 --schedule karras --rho 7
+    python sample.py --devices 2 --seeds 0-49999 --npz         # seeds split over 2 processes (Lightning Fabric)
+
+Each image comes from its own seed: the same seed gives the same image whatever --batch-size. Outputs go to --outdir:
+<seed>.png per image, grid.png (--grid), samples.npz (--npz: uint8 images as arr_0, with their seeds). Sampler
+settings default to the checkpoint's model (its σ range, image size and channels); `--help` lists them all.
+Checkpoints are read as tensors and plain data only; nothing in them is executed.
+"""
+
+from vediff.sample_cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""sample.py end to end in subprocesses, on a tiny model trained by the test."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_DIGITS, run_script
+from PIL import Image
+
+SEEDS = list(range(6))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("train")
+    result = run_script("train.py", "fit", *TINY_DIGITS, "--trainer.max_epochs", "1", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "lightning_logs" / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def sample(checkpoint, outdir, *args, cwd=None):
+    result = run_script("sample.py", "--ckpt", str(checkpoint), "--outdir", str(outdir), "--seeds", "0-5",
+                        "--steps", "3", *args, cwd=cwd or outdir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+STOCHASTIC = {"karras_ve": ["--s-churn", "40"], "score_sde_ve": [], "ddim": ["--eta", "1"]}
+
+
+@pytest.mark.parametrize("sampler", list(STOCHASTIC))
+def test_each_sampler_writes_images_grid_and_npz(checkpoint, tmp_path, sampler):
+    outdir = tmp_path / "batched"
+    result = sample(checkpoint, outdir, "--sampler", sampler, *STOCHASTIC[sampler], "--batch-size", "4", "--grid",
+                    "--npz")
+    assert sorted(p.name for p in outdir.glob("0*.png")) == [f"{s:06d}.png" for s in SEEDS]
+    assert Image.open(outdir / "000000.png").size == (8, 8)
+    assert Image.open(outdir / "grid.png").size == (3 * 9 + 1, 2 * 9 + 1)  # 6 images: 3 columns, 2 rows
+    arrays = np.load(outdir / "samples.npz")
+    assert arrays["arr_0"].shape == (6, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
+    assert arrays["seeds"].tolist() == SEEDS
+    np.testing.assert_array_equal(arrays["arr_0"][2, ..., 0], np.array(Image.open(outdir / "000002.png")))
+    assert f"Wrote 6 images to {outdir}" in result.stdout
+
+    # The same seeds one image at a time: byte-identical files, though the sampler draws fresh noise every step.
+    single = tmp_path / "single"
+    sample(checkpoint, single, "--sampler", sampler, *STOCHASTIC[sampler], "--batch-size", "1")
+    for seed in SEEDS:
+        assert (single / f"{seed:06d}.png").read_bytes() == (outdir / f"{seed:06d}.png").read_bytes(), seed
+    first, second = (np.array(Image.open(outdir / f"{s:06d}.png")) for s in (0, 1))
+    assert not np.array_equal(first, second)
+
+
+def test_two_processes_write_every_seed_exactly_once(checkpoint, tmp_path):
+    sample(checkpoint, tmp_path / "one", "--npz")
+    sample(checkpoint, tmp_path / "two", "--devices", "2", "--device", "cpu", "--batch-size", "2", "--npz")
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.png")) == [f"{s:06d}.png" for s in SEEDS]
+    assert np.load(tmp_path / "two" / "samples.npz")["seeds"].tolist() == SEEDS
+    for seed in SEEDS:  # the split over processes changes nothing
+        name = f"{seed:06d}.png"
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_without_ckpt_the_newest_run_is_used(checkpoint, tmp_path):
+    result = run_script("sample.py", "--seeds", "0-1", "--steps", "2", "--outdir", str(tmp_path / "out"),
+                        cwd=checkpoint.parents[4])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lightning_logs/digits/version_0/checkpoints/last.ckpt" in result.stdout
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+class Trap:
+    """A pickle that would create a file when loaded, if loading executed code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def bad_checkpoints(tmp_path, checkpoint):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:2000])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {"class_path": "os.system", "init_args": {}}}}, foreign)
+    crafted = tmp_path / "crafted.ckpt"
+    with open(crafted, "wb") as f:
+        pickle.dump({"state_dict": Trap(tmp_path / "pwned")}, f)
+    return {"missing": tmp_path / "missing.ckpt", "truncated": truncated, "foreign": foreign, "crafted": crafted}
+
+
+BAD = {
+    "missing checkpoint": (["--ckpt", "{missing}"], "does not exist"),
+    "truncated checkpoint": (["--ckpt", "{truncated}"], "truncated"),
+    "foreign checkpoint": (["--ckpt", "{foreign}"], "not a vediff checkpoint"),
+    "crafted pickle": (["--ckpt", "{crafted}"], "refused"),
+    "bad seeds": (["--ckpt", "{good}", "--seeds", "3-x"], "--seeds"),
+    "unknown sampler": (["--ckpt", "{good}", "--sampler", "euler"], "--sampler"),
+    "unwritable outdir": (["--ckpt", "{good}", "--outdir", "{blocker}/sub"], "--outdir"),
+    "no checkpoint anywhere": ([], "python train.py fit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
+    paths = {k: str(v) for k, v in bad_checkpoints(tmp_path, checkpoint).items()}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args, expected = BAD[case]
+    args = [a.format(good=checkpoint, blocker=blocker, **paths) for a in args]
+    if "--outdir" not in args:
+        args += ["--outdir", str(tmp_path / "out")]
+    result = run_script("sample.py", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists()
+    assert not list(tmp_path.glob("out/*.png"))

@@ -1,0 +1,160 @@
+"""sample.py: draw images from a trained checkpoint with any of the three samplers, on one or many devices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import PIL.Image
+import torch
+from lightning.fabric import Fabric
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from vediff.checkpoints import load_denoiser, newest_checkpoint
+from vediff.cli import one_line
+from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, parse_seeds, to_uint8
+from vediff.utils import ConfigError, fail
+
+TRAIN_HINT = "python train.py fit --config digits.yaml"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(one_line(message))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="sample.py", description="Sample images from a vediff checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arg = parser.add_argument
+    arg("--ckpt", help="checkpoint (.ckpt); default: the newest last.ckpt under lightning_logs/")
+    arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
+    arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
+    arg("--seeds", default="0-63", help="one image per seed, EDM style: 0-63 or 1,5,9")
+    arg("--batch-size", type=int, default=64, help="images per batch on each device")
+    arg("--outdir", default="samples", help="output folder: <seed>.png per image, grid.png, samples.npz")
+    arg("--grid", action="store_true", help="also write grid.png with all images")
+    arg("--npz", action="store_true", help="also write samples.npz: uint8 images (N, H, W, C) as arr_0, and seeds")
+    arg("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="accelerator")
+    arg("--devices", type=int, default=1, help="processes; seeds are split over them (Lightning Fabric DDP)")
+    arg("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
+        help="network precision (sampler arithmetic stays float32)")
+    group = parser.add_argument_group("sampler settings (σ bounds default to the model's training range)")
+    setting = group.add_argument
+    setting("--sigma-min", type=float, help="smallest noise level (karras_ve, score_sde_ve)")
+    setting("--sigma-max", type=float, help="largest noise level (karras_ve, score_sde_ve)")
+    setting("--s-churn", type=float, default=0.0, help="karras_ve: S_churn (0: deterministic Heun)")
+    setting("--s-noise", type=float, default=1.0, help="karras_ve: S_noise")
+    setting("--s-min", type=float, default=0.0, help="karras_ve: S_min")
+    setting("--s-max", type=float, default=float("inf"), help="karras_ve: S_max")
+    setting("--schedule", choices=["karras", "ve"], default="karras", help="karras_ve: ρ schedule or geometric (VE)")
+    setting("--rho", type=float, default=7.0, help="karras_ve: ρ of the karras schedule")
+    setting("--snr", type=float, default=0.16, help="score_sde_ve: Langevin signal-to-noise ratio")
+    setting("--correct-steps", type=int, default=1, help="score_sde_ve: corrector steps per predictor step")
+    setting("--batch-step-size", action="store_true",
+            help="score_sde_ve: the reference's batch-averaged Langevin step size (images then depend on the batch)")
+    setting("--eta", type=float, default=0.0, help="ddim: η (0 deterministic, 1 DDPM-like)")
+    setting("--spacing", choices=["leading", "trailing", "linspace", "quadratic"], default="leading",
+            help="ddim: timestep spacing")
+    return parser
+
+
+def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    return SamplerConfig(
+        sampler=args.sampler, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        s_churn=args.s_churn, s_noise=args.s_noise, s_min=args.s_min, s_max=args.s_max, schedule=args.schedule,
+        rho=args.rho, snr=args.snr, correct_steps=args.correct_steps, step_size_per_sample=not args.batch_step_size,
+        eta=args.eta, spacing=args.spacing,
+    )
+
+
+def checkpoint_path(given: str | None) -> Path:
+    if given is not None:
+        return Path(given)
+    newest = newest_checkpoint("lightning_logs")
+    if newest is None:
+        raise ConfigError(f"no --ckpt given and no last.ckpt under lightning_logs/; train a model first: {TRAIN_HINT}")
+    return newest
+
+
+def writable_folder(path: str) -> Path:
+    """Create `path` and prove a file can be written there, before any sampling work."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or error
+        raise ConfigError(f"--outdir: cannot write to '{folder}' ({reason}); choose another folder") from None
+    return folder
+
+
+def write_atomically(path: Path, write) -> None:
+    """Write through a temporary name and rename, so no half-written file ever carries the final name."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    write_atomically(path, lambda p: PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+                     .save(p, format="PNG"))
+
+
+def image_path(outdir: Path, seed: int) -> Path:
+    return outdir / f"{seed:06d}.png"
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    try:
+        if args.batch_size < 1 or args.devices < 1:
+            raise ConfigError("--batch-size and --devices must be at least 1")
+        seeds = parse_seeds(args.seeds)
+        config = sampler_config(args)
+        ckpt = checkpoint_path(args.ckpt)
+        outdir = writable_folder(args.outdir)
+        denoiser = load_denoiser(ckpt)
+        if config.sampler != "ddim":
+            config.sigma_range(denoiser)
+    except ConfigError as error:
+        fail(one_line(str(error)))
+
+    strategy = "ddp" if args.devices > 1 else "auto"
+    fabric = Fabric(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision)
+    fabric.launch()
+    fabric.print(f"Sampling {ckpt} with {config.sampler}, {config.nfe} network evaluations per image")
+    start = time.perf_counter()
+    pipeline = config.pipeline(denoiser.to(fabric.device))
+    mine = seeds[fabric.global_rank :: fabric.world_size]
+    with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
+        for chunk in batches(mine, args.batch_size):
+            with fabric.autocast():
+                images = to_uint8(config.generate(pipeline, chunk)).numpy()
+            for seed, image in zip(chunk, images, strict=True):
+                save_png(image, image_path(outdir, seed))
+            bar.update(len(chunk))
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if args.grid or args.npz:
+            stacked = np.stack([np.array(PIL.Image.open(image_path(outdir, s))) for s in seeds])
+            stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
+            if args.grid:
+                grid = make_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
+                                 nrow=int(np.ceil(np.sqrt(len(seeds)))), padding=1)
+                write_atomically(outdir / "grid.png", lambda p: save_image(grid, p, format="PNG"))
+            if args.npz:
+                write_atomically(outdir / "samples.npz",
+                                 lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds)))
+        seconds = time.perf_counter() - start
+        print(f"Wrote {len(seeds)} images to {outdir}/ ({config.sampler}, {config.nfe} network evaluations per "
+              f"image, {seconds:.1f} s)")
