@@ -20,7 +20,7 @@ Resume the newest run of a config (same log folder; step, optimizer, EMA and lea
     python train.py fit --config digits.yaml --ckpt_path last
 
 Watch it:  tensorboard --logdir lightning_logs   (losses, lr, kimg, images/s, and sample grids per sampler)
-Sample it: python sample.py --sampler karras_ve   (see sample.py --help)
+Sample it: python sample.py --sampler karras_ve   (add --fid for FID/KID; see sample.py --help)
 Checkpoints: lightning_logs/<name>/version_<n>/checkpoints/ (last.ckpt and periodic snapshots, with EMA weights).
 """
 

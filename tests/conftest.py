@@ -30,6 +30,9 @@ TINY_DIGITS = [
     "--sample_grids.num_images", "4",
     "--sample_grids.samplers",
     '[{"sampler": "karras_ve", "steps": 3}, {"sampler": "score_sde_ve", "steps": 3}, {"sampler": "ddim", "steps": 3}]',
+    "--sample_quality.num_images", "8",
+    "--sample_quality.every_n_val_epochs", "1",
+    "--sample_quality.sampler", '{"sampler": "karras_ve", "steps": 3}',
 ]
 
 

@@ -1,5 +1,6 @@
 """sample.py end to end in subprocesses, on a tiny model trained by the test."""
 
+import json
 import pickle
 
 import numpy as np
@@ -119,3 +120,26 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pwned").exists()
     assert not list(tmp_path.glob("out/*.png"))
+
+
+def test_fid_writes_the_json_report(checkpoint, tmp_path):
+    outdir = tmp_path / "fid"
+    result = sample(checkpoint, outdir, "--fid")
+    report = json.loads((outdir / "metrics.json").read_text())
+    assert set(report) == {"sampler", "settings", "nfe", "num_images", "seconds", "fid", "kid", "kid_std", "feature",
+                           "reference", "checkpoint"}
+    assert (report["sampler"], report["nfe"], report["num_images"], report["feature"]) == ("karras_ve", 5, 6, "pixels")
+    assert report["reference"] == {"dataset": "digits", "images": 1797}
+    assert report["fid"] > 0 and report["seconds"] > 0 and report["settings"]["steps"] == 3
+    assert "FID " in result.stdout
+
+
+def test_missing_inception_weights_offline_is_one_clear_line(checkpoint, tmp_path):
+    unreachable = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                   "HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch")}
+    result = run_script("sample.py", "--ckpt", str(checkpoint), "--fid", "--feature", "inception", "--seeds", "0-1",
+                        "--outdir", str(tmp_path / "out"), cwd=tmp_path, env=unreachable, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--inception-weights" in lines[0] and "pixels" in lines[0], result.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("*.png"))  # refused before any sampling

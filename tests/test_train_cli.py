@@ -63,6 +63,18 @@ def test_sample_grids_reach_tensorboard(trained):
     assert all(v > 0 for _, v in values["samples_seconds/ddim"])
 
 
+def test_sample_quality_is_logged_and_reference_statistics_are_cached(trained):
+    cwd, run_dir, _, first, second = trained
+    values = scalars(run_dir)
+    assert [step for step, _ in values["fid/karras_ve"]] == [2, 5, 8, 11]  # every validation, both runs
+    assert all(value > 0 for _, value in values["fid/karras_ve"]) and "kid/karras_ve" in values
+    cache = cwd / "data" / "fid_refs" / "digits-8px-1ch-pixels.pt"
+    assert cache.is_file()
+    assert "Computing reference statistics" in first.stdout + first.stderr
+    output = second.stdout + second.stderr
+    assert "Reusing reference statistics" in output and "Computing reference statistics" not in output
+
+
 def test_learning_rate_warms_up_linearly_in_images(trained):
     _, run_dir, *_ = trained
     config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())

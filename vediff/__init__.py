@@ -1,6 +1,6 @@
 """vediff: train and sample variance-exploding (VE) and EDM-preconditioned diffusion models with PyTorch Lightning."""
 
-from vediff.callbacks import HalfLifeEMA, SampleGrids
+from vediff.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.data import ImageDataModule
 from vediff.losses import EDMLoss, VELoss
 from vediff.module import VEDiffusion
@@ -35,6 +35,7 @@ __all__ = [
     "KarrasVePipeline",
     "KarrasVeScheduler",
     "SampleGrids",
+    "SampleQuality",
     "SamplerConfig",
     "ScoreSdeVePipeline",
     "ScoreSdeVeScheduler",

@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import make_grid
 
-from vediff.sampling import SamplerConfig
+from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
+from vediff.sampling import SamplerConfig, batches
 from vediff.utils import ConfigError
 
 
@@ -136,6 +137,87 @@ class SampleGrids(Callback):
             logger.experiment.add_image(f"samples/{config.label}", grid, trainer.global_step)
             logger.log_metrics({f"samples_nfe/{config.label}": config.nfe,
                                 f"samples_seconds/{config.label}": seconds}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict["validations"]
+
+
+class SampleQuality(Callback):
+    """Every N validations, FID and KID of `num_images` samples against the training set: `fid/<name>`, `kid/<name>`.
+
+    Each process samples its share of the seeds and torchmetrics gathers the features. Reference statistics are
+    computed once and cached under the data root (`<root>/fid_refs/`). The feature network (Inception, or raw pixels
+    for small offline datasets) lives in this callback, never in the module or its checkpoints. Like SampleGrids it
+    samples inside validation, with the EMA weights.
+
+    Args:
+        sampler: The sampler and its settings (σ bounds left unset are the model's training range).
+        num_images: Generated images per evaluation (the papers use 50 000; 0 turns the callback off).
+        every_n_val_epochs: Evaluate at every this many validation runs.
+        feature: "inception" (torchmetrics' Inception-v3, comparable to published FIDs; needs vediff[fid] and its
+            weights) or "pixels" (offline, raw pixels; not comparable to published FIDs).
+        inception_weights: Local path of the Inception weights, for machines without internet.
+        batch_size: Images per sampling batch on each device.
+        seed: Seed of the first image.
+    """
+
+    def __init__(
+        self,
+        sampler: SamplerConfig | None = None,
+        num_images: int = 1000,
+        every_n_val_epochs: int = 1,
+        feature: FeatureName = "pixels",
+        inception_weights: str | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if num_images < 0 or every_n_val_epochs < 1 or batch_size < 1:
+            raise ConfigError("sample_quality: num_images must be 0 or more, every_n_val_epochs and batch_size >= 1")
+        self.sampler = sampler or SamplerConfig()
+        self.num_images = num_images
+        self.every_n_val_epochs = every_n_val_epochs
+        self.feature: FeatureName = feature
+        self.inception_weights = inception_weights
+        self.batch_size = batch_size
+        self.seed = seed
+        self.validations = 0
+        self.metrics: QualityMetrics | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.num_images == 0 or self.metrics is not None:
+            return
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "image_size"):
+            raise ConfigError("sample_quality: needs the ImageDataModule to know the training set; set num_images: 0")
+        extractor = feature_extractor(self.feature, data.channels, data.image_size, self.inception_weights)
+        self.metrics = QualityMetrics(extractor)
+        if trainer.is_global_zero:  # the reference counts once in torchmetrics' sum over processes
+            device = trainer.strategy.root_device
+            self.metrics.set_reference(reference_statistics(data, extractor, self.feature, device=device))
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0 or self.metrics is None:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_val_epochs:
+            return
+        self.metrics.to(pl_module.device)
+        pipeline = self.sampler.pipeline(pl_module.denoiser)
+        seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
+        for chunk in batches(seeds, self.batch_size):
+            with trainer.precision_plugin.forward_context():
+                images = self.sampler.generate(pipeline, chunk)
+            self.metrics.add_generated(quantize(images.float()))
+        values = self.metrics.compute()  # a collective: every process gets here
+        label = self.sampler.label
+        pl_module.log(f"fid/{label}", values["fid"], batch_size=1)
+        pl_module.log(f"kid/{label}", values["kid"], batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}

@@ -10,7 +10,7 @@ from typing import NoReturn
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from vediff.callbacks import HalfLifeEMA, SampleGrids
+from vediff.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.data import ImageDataModule, resolve_channels
 from vediff.module import VEDiffusion
 from vediff.utils import ConfigError, fail
@@ -46,6 +46,7 @@ class VediffCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "snapshot")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(SampleGrids, "sample_grids")
+        parser.add_lightning_class_args(SampleQuality, "sample_quality")
         parser.set_defaults({
             "model.net": {"class_path": "vediff.UNet2D"},
             # `checkpoint` keeps one rolling checkpoint with last.ckpt linked to it (Lightning writes last.ckpt only
@@ -57,6 +58,7 @@ class VediffCLI(LightningCLI):
             "snapshot.every_n_epochs": 100,
             "snapshot.filename": "snapshot-{epoch}-{step}",
             "lr_monitor.logging_interval": "step",
+            "sample_quality.num_images": 0,  # off unless a config asks for it
         })
 
     def before_instantiate_classes(self) -> None:

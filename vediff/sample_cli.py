@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,8 +19,10 @@ from lightning.fabric import Fabric
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from vediff.checkpoints import load_denoiser, newest_checkpoint
+from vediff.checkpoints import load_denoiser, newest_checkpoint, read_checkpoint
 from vediff.cli import one_line
+from vediff.data import ImageDataModule
+from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
 from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, parse_seeds, to_uint8
 from vediff.utils import ConfigError, fail
 
@@ -38,11 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--ckpt", help="checkpoint (.ckpt); default: the newest last.ckpt under lightning_logs/")
     arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
     arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
-    arg("--seeds", default="0-63", help="one image per seed, EDM style: 0-63 or 1,5,9")
+    arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
     arg("--batch-size", type=int, default=64, help="images per batch on each device")
     arg("--outdir", default="samples", help="output folder: <seed>.png per image, grid.png, samples.npz")
     arg("--grid", action="store_true", help="also write grid.png with all images")
     arg("--npz", action="store_true", help="also write samples.npz: uint8 images (N, H, W, C) as arr_0, and seeds")
+    arg("--fid", action="store_true",
+        help="compute FID and KID against the training set of the checkpoint's data; writes metrics.json")
+    arg("--feature", choices=["inception", "pixels"],
+        help="FID features (default: pixels for digits, inception otherwise; pixels are not comparable to "
+             "published FIDs)")
+    arg("--inception-weights", help=f"local {INCEPTION_FILE} for machines without internet")
     arg("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="accelerator")
     arg("--devices", type=int, default=1, help="processes; seeds are split over them (Lightning Fabric DDP)")
     arg("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
@@ -114,18 +125,32 @@ def image_path(outdir: Path, seed: int) -> Path:
     return outdir / f"{seed:06d}.png"
 
 
+def quality_setup(ckpt: Path, args: argparse.Namespace) -> tuple[ImageDataModule, QualityMetrics, str]:
+    """The training data of the checkpoint and an FID/KID evaluator for it, checked before any sampling."""
+    data_hparams = read_checkpoint(ckpt).get("datamodule_hyper_parameters")
+    if not data_hparams:
+        raise ConfigError(f"--fid: '{ckpt}' does not record its training data (datamodule hyperparameters)")
+    accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
+    data = ImageDataModule(**{k: v for k, v in data_hparams.items() if k in accepted})
+    feature = args.feature or ("pixels" if data.dataset_name == "digits" else "inception")
+    extractor = feature_extractor(feature, data.channels, data.image_size, args.inception_weights)
+    return data, QualityMetrics(extractor), feature
+
+
 def main() -> None:
     args = build_parser().parse_args()
     try:
         if args.batch_size < 1 or args.devices < 1:
             raise ConfigError("--batch-size and --devices must be at least 1")
-        seeds = parse_seeds(args.seeds)
         config = sampler_config(args)
         ckpt = checkpoint_path(args.ckpt)
         outdir = writable_folder(args.outdir)
         denoiser = load_denoiser(ckpt)
         if config.sampler != "ddim":
             config.sigma_range(denoiser)
+        quality = quality_setup(ckpt, args) if args.fid else None
+        standard = quality is not None and quality[0].dataset_name == "cifar10"
+        seeds = parse_seeds(args.seeds or ("0-49999" if standard else "0-63"))
     except ConfigError as error:
         fail(one_line(str(error)))
 
@@ -145,7 +170,7 @@ def main() -> None:
             bar.update(len(chunk))
     fabric.barrier()
     if fabric.global_rank == 0:
-        if args.grid or args.npz:
+        if args.grid or args.npz or quality:
             stacked = np.stack([np.array(PIL.Image.open(image_path(outdir, s))) for s in seeds])
             stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
             if args.grid:
@@ -156,5 +181,32 @@ def main() -> None:
                 write_atomically(outdir / "samples.npz",
                                  lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds)))
         seconds = time.perf_counter() - start
+        if quality:
+            report_quality(quality, stacked, config, ckpt, outdir, seconds, fabric.device)
         print(f"Wrote {len(seeds)} images to {outdir}/ ({config.sampler}, {config.nfe} network evaluations per "
               f"image, {seconds:.1f} s)")
+
+
+def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outdir: Path, seconds: float,
+                   device: torch.device) -> None:
+    """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
+    data, metrics, feature = quality
+    try:
+        statistics = reference_statistics(data, metrics.extractor, feature, device=device)
+    except ConfigError as error:
+        fail(one_line(str(error)))
+    metrics.to(device).set_reference(statistics)
+    images = torch.from_numpy(stacked).permute(0, 3, 1, 2)
+    for chunk in torch.split(images, 256):
+        metrics.add_generated(chunk)
+    values = metrics.compute()
+    settings = {k: "inf" if v == float("inf") else v for k, v in asdict(config).items()}  # JSON has no Infinity
+    report = {
+        "sampler": config.sampler, "settings": settings, "nfe": config.nfe, "num_images": len(images),
+        "seconds": round(seconds, 3), "fid": values["fid"], "kid": values["kid"], "kid_std": values["kid_std"],
+        "feature": feature, "reference": {"dataset": data.dataset_name, "images": metrics.reference_count},
+        "checkpoint": str(ckpt),
+    }
+    write_atomically(outdir / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    print(f"FID {values['fid']:.3f}, KID {values['kid']:.5f} ({feature} features, {len(images)} images against "
+          f"{metrics.reference_count} training images) -> {outdir / 'metrics.json'}")
