@@ -85,3 +85,17 @@ def test_reference_statistics_are_cached_and_reused(digits):
     third = CountingPixels()
     reference_statistics(digits, third, "pixels")
     assert third.calls > 0
+
+
+def test_reference_shares_over_processes_add_up_to_the_whole(digits):
+    # torchmetrics sums FID states and concatenates KID rows over processes: the shares must count each once.
+    extractor = feature_extractor("pixels", 1, 8)
+    statistics = reference_statistics(digits, extractor, "pixels")
+    shares = [QualityMetrics(extractor) for _ in range(2)]
+    for rank, share in enumerate(shares):
+        share.set_reference(statistics, rank=rank, world_size=2)
+    torch.testing.assert_close(sum(s.fid.real_features_sum for s in shares), statistics["sum"])
+    assert sum(int(s.fid.real_features_num_samples) for s in shares) == int(statistics["count"])
+    rows = torch.cat([torch.cat(s.kid.real_features) for s in shares])
+    assert rows.shape == statistics["kid_features"].shape
+    torch.testing.assert_close(rows.sum(0), statistics["kid_features"].sum(0))

@@ -193,10 +193,17 @@ class SampleQuality(Callback):
         if data is None or not hasattr(data, "image_size"):
             raise ConfigError("sample_quality: needs the ImageDataModule to know the training set; set num_images: 0")
         extractor = feature_extractor(self.feature, data.channels, data.image_size, self.inception_weights)
+        if self.num_images < trainer.world_size:
+            raise ConfigError(f"sample_quality.num_images: {self.num_images} leaves a process without images; "
+                              f"use at least {trainer.world_size}")
         self.metrics = QualityMetrics(extractor)
-        if trainer.is_global_zero:  # the reference counts once in torchmetrics' sum over processes
-            device = trainer.strategy.root_device
-            self.metrics.set_reference(reference_statistics(data, extractor, self.feature, device=device))
+        device = trainer.strategy.root_device
+        if trainer.is_global_zero:  # computes and caches the statistics once; the others then read the cache
+            statistics = reference_statistics(data, extractor, self.feature, device=device)
+        trainer.strategy.barrier("sample_quality_reference")
+        if not trainer.is_global_zero:
+            statistics = reference_statistics(data, extractor, self.feature, device=device)
+        self.metrics.set_reference(statistics, trainer.global_rank, trainer.world_size)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,

@@ -108,8 +108,9 @@ class _GivenFeatures(nn.Module):
 class QualityMetrics(nn.Module):
     """FID and KID of generated images against fixed reference statistics (torchmetrics, DDP-aware).
 
-    Reference statistics are held by rank zero only, so torchmetrics' sum over processes counts them once; the
-    generated features of every process are gathered when `compute` runs, which every process must call.
+    Under DDP every process holds a share of the reference, so torchmetrics' reduction over processes counts it
+    exactly once: FID's feature sums on rank zero, KID's reference rows split r::W. The generated features of every
+    process are gathered when `compute` runs, which every process must call.
     """
 
     def __init__(self, extractor: nn.Module) -> None:
@@ -130,12 +131,14 @@ class QualityMetrics(nn.Module):
         self.fid.reset()
         self.kid.reset()
 
-    def set_reference(self, statistics: dict[str, torch.Tensor]) -> None:
-        """Load cached reference statistics (see `reference_statistics`)."""
-        self.fid.real_features_sum.copy_(statistics["sum"])
-        self.fid.real_features_cov_sum.copy_(statistics["cov_sum"])
-        self.fid.real_features_num_samples.copy_(statistics["count"])
-        self.kid.update(statistics["kid_features"].to(self.fid.real_features_sum.device), real=True)
+    def set_reference(self, statistics: dict[str, torch.Tensor], rank: int = 0, world_size: int = 1) -> None:
+        """Load reference statistics (see `reference_statistics`): this process's share of them."""
+        if rank == 0:
+            self.fid.real_features_sum.copy_(statistics["sum"])
+            self.fid.real_features_cov_sum.copy_(statistics["cov_sum"])
+            self.fid.real_features_num_samples.copy_(statistics["count"])
+        kid_rows = statistics["kid_features"][rank::world_size]
+        self.kid.update(kid_rows.to(self.fid.real_features_sum.device), real=True)
         self.reference_count = int(statistics["count"])
 
     def add_generated(self, images: torch.Tensor) -> None:
@@ -146,8 +149,8 @@ class QualityMetrics(nn.Module):
     def compute(self) -> dict[str, float]:
         """FID, KID and KID's standard deviation over subsets; then forget the generated images."""
         generated = int(self.fid.fake_features_num_samples)
-        reference = sum(f.shape[0] for f in self.kid.real_features)
-        self.kid.subset_size = max(2, min(1000, generated, max(reference, 2)))
+        reference = int(self.fid.real_features_num_samples)
+        self.kid.subset_size = max(2, min(1000, generated, KID_REFERENCE_IMAGES, max(reference, 2)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchmetrics warns about few samples; the caller chose how many
             fid = float(self.fid.compute())
