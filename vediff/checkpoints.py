@@ -44,7 +44,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_denoiser(path: str | Path) -> Precond:
     """The preconditioned denoiser of a vediff checkpoint, with its EMA weights, in eval mode on the CPU."""
-    checkpoint = read_checkpoint(path)
+    return denoiser_from(read_checkpoint(path), path)
+
+
+def denoiser_from(checkpoint: dict, path: str | Path) -> Precond:
+    """The denoiser of an already read checkpoint (`path` only names it in errors)."""
     hparams = dict(checkpoint["hyper_parameters"])
     net_spec = hparams.get("net")
     if not isinstance(net_spec, dict) or net_spec.get("class_path") not in KNOWN_NETWORKS:

@@ -19,7 +19,7 @@ from lightning.fabric import Fabric
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from vediff.checkpoints import load_denoiser, newest_checkpoint, read_checkpoint
+from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
 from vediff.cli import one_line
 from vediff.data import ImageDataModule
 from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
@@ -125,9 +125,11 @@ def image_path(outdir: Path, seed: int) -> Path:
     return outdir / f"{seed:06d}.png"
 
 
-def quality_setup(ckpt: Path, args: argparse.Namespace) -> tuple[ImageDataModule, QualityMetrics, str]:
+def quality_setup(
+    checkpoint: dict, ckpt: Path, args: argparse.Namespace
+) -> tuple[ImageDataModule, QualityMetrics, str]:
     """The training data of the checkpoint and an FID/KID evaluator for it, checked before any sampling."""
-    data_hparams = read_checkpoint(ckpt).get("datamodule_hyper_parameters")
+    data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
         raise ConfigError(f"--fid: '{ckpt}' does not record its training data (datamodule hyperparameters)")
     accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
@@ -145,10 +147,12 @@ def main() -> None:
         config = sampler_config(args)
         ckpt = checkpoint_path(args.ckpt)
         outdir = writable_folder(args.outdir)
-        denoiser = load_denoiser(ckpt)
+        checkpoint = read_checkpoint(ckpt)
+        denoiser = denoiser_from(checkpoint, ckpt)
         if config.sampler != "ddim":
             config.sigma_range(denoiser)
-        quality = quality_setup(ckpt, args) if args.fid else None
+        quality = quality_setup(checkpoint, ckpt, args) if args.fid else None
+        del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
         standard = quality is not None and quality[0].dataset_name == "cifar10"
         seeds = parse_seeds(args.seeds or ("0-49999" if standard else "0-63"))
     except ConfigError as error:
