@@ -16,20 +16,11 @@ from vediff.module import VEDiffusion
 from vediff.utils import ConfigError, fail
 
 
-def one_line(message: str) -> str:
-    """Fold a possibly multi-line message (a jsonargparse report, a worker traceback) into one line."""
-    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):  # an exception re-raised from a DataLoader worker
-        lines = lines[-1:]
-    text = " ".join(lines)
-    return text.removeprefix(f"{ConfigError.__module__}.{ConfigError.__name__}: ")
-
-
 class OneLineParser(LightningArgumentParser):
     """Reports a bad flag or config value as one line on stderr and exits with status 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        fail(one_line(message))
+        fail(message)
 
 
 class VediffCLI(LightningCLI):
@@ -123,4 +114,4 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
             },
         )
     except ConfigError as error:
-        fail(one_line(str(error)))
+        fail(str(error))

@@ -96,9 +96,6 @@ class KarrasVePipeline(ImagePipeline):
         scheduler: A `KarrasVeScheduler`.
     """
 
-    def __init__(self, unet: Denoiser, scheduler: KarrasVeScheduler) -> None:
-        super().__init__(unet, scheduler)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -132,9 +129,6 @@ class ScoreSdeVePipeline(ImagePipeline):
         unet: The denoiser D(x, sigma); its score (D − x)/σ² drives the sampler.
         scheduler: A `ScoreSdeVeScheduler`.
     """
-
-    def __init__(self, unet: Denoiser, scheduler: ScoreSdeVeScheduler) -> None:
-        super().__init__(unet, scheduler)
 
     @torch.no_grad()
     def __call__(
@@ -170,9 +164,6 @@ class DDIMPipeline(ImagePipeline):
         unet: The denoiser D(x, sigma).
         scheduler: A `DDIMScheduler`.
     """
-
-    def __init__(self, unet: Denoiser, scheduler: DDIMScheduler) -> None:
-        super().__init__(unet, scheduler)
 
     @torch.no_grad()
     def __call__(

@@ -20,7 +20,6 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
-from vediff.cli import one_line
 from vediff.data import ImageDataModule
 from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
 from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, parse_seeds, to_uint8
@@ -31,7 +30,7 @@ TRAIN_HINT = "python train.py fit --config digits.yaml"
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        fail(one_line(message))
+        fail(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +155,7 @@ def main() -> None:
         standard = quality is not None and quality[0].dataset_name == "cifar10"
         seeds = parse_seeds(args.seeds or ("0-49999" if standard else "0-63"))
     except ConfigError as error:
-        fail(one_line(str(error)))
+        fail(str(error))
 
     strategy = "ddp" if args.devices > 1 else "auto"
     fabric = Fabric(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision)
@@ -198,7 +197,7 @@ def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Pa
     try:
         statistics = reference_statistics(data, metrics.extractor, feature, device=device)
     except ConfigError as error:
-        fail(one_line(str(error)))
+        fail(str(error))
     metrics.to(device).set_reference(statistics)
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2)
     for chunk in torch.split(images, 256):

@@ -13,9 +13,17 @@ class ConfigError(ValueError):
     """A user mistake (a config value, a path, a flag). The CLI prints its message as one line and exits non-zero."""
 
 
+def one_line(message: str) -> str:
+    """Fold a possibly multi-line message (a jsonargparse report, a worker traceback) into one line."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # an exception re-raised from a DataLoader worker
+        lines = lines[-1:]
+    return " ".join(lines).removeprefix(f"{ConfigError.__module__}.{ConfigError.__name__}: ")
+
+
 def fail(message: str) -> NoReturn:
     """End a command-line program over a user mistake: one line on stderr, exit status 2, no traceback."""
-    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(message)}\n")
     sys.exit(2)
 
 
