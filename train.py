@@ -15,9 +15,14 @@ A bare config name that is not a file is looked up in configs/. Any value can be
     python train.py fit --config digits.yaml --print_config     # the full, resolved configuration
     python train.py fit --help                                  # every option, with its documentation
 
-Resume the newest run of a config (same log folder; step, optimizer, EMA and learning-rate state restored):
+Resume the newest run of a config (same log folder; step, optimizer, EMA, learning rate and the position in the
+epoch restored). SIGTERM and Ctrl+C save last.ckpt before exiting; checkpoints are never half-written:
 
     python train.py fit --config digits.yaml --ckpt_path last
+
+Several processes (Lightning DDP; torchrun and SLURM work too, see the README):
+
+    python train.py fit --config cifar10.yaml --trainer.devices 8
 
 Watch it:  tensorboard --logdir lightning_logs   (losses, lr, kimg, images/s, and sample grids per sampler)
 Sample it: python sample.py --sampler karras_ve   (add --fid for FID/KID; see sample.py --help)

@@ -76,7 +76,7 @@ def write_fake_cifar10(root: Path, per_batch: int, monkeypatch) -> np.ndarray:
 
 def test_cifar10_from_a_folder_in_the_real_on_disk_format(tmp_path, monkeypatch):
     pixels = write_fake_cifar10(tmp_path, per_batch=4, monkeypatch=monkeypatch)
-    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=32, val_size=5)
+    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=32, val_size=5, batch_size=4)
     module.prepare_data()  # files present and checksums match: no download
     module.setup("fit")
     assert (len(module.train_set), len(module.val_set)) == (15, 5)
@@ -106,7 +106,7 @@ def test_hugging_face_imagefolder(tmp_path, monkeypatch):
     values = write_pngs(tmp_path / "images" / "train", count=6)
     module = ImageDataModule(
         dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"), image_column="image",
-        root=str(tmp_path / "cache"), image_size=8, val_size=2,
+        root=str(tmp_path / "cache"), image_size=8, val_size=2, batch_size=4,
     )
     module.prepare_data()
     module.setup("fit")
@@ -128,7 +128,7 @@ def test_hugging_face_wrong_column_names_the_columns(tmp_path, monkeypatch):
 def test_plain_folder_recursive_resized_and_grayscale(tmp_path):
     write_pngs(tmp_path / "a", count=3, size=16)
     write_pngs(tmp_path / "b" / "deeper", count=2, size=16, mode="L")
-    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1, val_size=1)
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, channels=1, val_size=1, batch_size=4)
     module.prepare_data()
     module.setup("fit")
     images = all_images(module)
@@ -161,3 +161,58 @@ def test_bad_sizes():
     module = ImageDataModule(dataset="digits", val_size=5000)
     with pytest.raises(ConfigError, match="val_size"):
         module.setup("fit")
+
+
+def test_resumable_sampler_shards_an_epoch_without_repeats_and_starts_part_way():
+    from vediff.data import ResumableSampler
+
+    dataset = range(103)
+    shards = [list(ResumableSampler(dataset, num_replicas=2, rank=rank, seed=3)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 51  # the odd image out is dropped, never duplicated
+    assert set(shards[0]).isdisjoint(shards[1])
+    sampler = ResumableSampler(dataset, num_replicas=2, rank=1, seed=3)
+    sampler.set_epoch(4)
+    whole_epoch = list(sampler)
+    assert whole_epoch != shards[1]  # reshuffled per epoch
+    sampler.resume(epoch=4, skip=20)
+    assert list(sampler) == whole_epoch[20:]
+    assert list(sampler) == whole_epoch  # only the resumed epoch is shortened
+    sampler.resume(epoch=3, skip=20)
+    assert list(sampler) == whole_epoch  # a resume position of another epoch does not apply
+
+
+def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(tmp_path):
+    """Checkpoint at step 5 of a 17-batch epoch; the resumed run's batches equal the uninterrupted run's from step 5."""
+    import lightning as L
+
+    from vediff import UNet2D, VEDiffusion
+    from vediff.checkpoints import AtomicCheckpointIO
+
+    class Recording(VEDiffusion):
+        def training_step(self, images, batch_idx):
+            self.batches.append(images.clone())
+            return super().training_step(images, batch_idx)
+
+    save_at_step_5 = L.pytorch.callbacks.LambdaCallback(on_train_batch_end=lambda trainer, *_: (
+        trainer.save_checkpoint(tmp_path / "mid.ckpt") if trainer.global_step == 5 else None))
+
+    def fit(callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        net = UNet2D(sample_size=8, in_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                     attn_resolutions=[])
+        module = Recording(net, warmup_kimg=0)
+        module.batches = []
+        data = ImageDataModule("digits", image_size=8, batch_size=100, val_size=97)  # 1700 images: 17 batches
+        trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+                            plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module.batches
+
+    uninterrupted = fit([save_at_step_5])
+    assert torch.load(tmp_path / "mid.ckpt", weights_only=True)["ImageDataModule"] == {"epoch": 0, "batches": 5}
+    resumed = fit([], ckpt_path=tmp_path / "mid.ckpt")
+    assert len(uninterrupted) == 34 and len(resumed) == 29
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[5:], resumed, strict=True))
+    first_epoch = torch.cat(uninterrupted[:5] + resumed[:12])
+    assert torch.unique(first_epoch, dim=0).shape[0] == 1700  # every training image exactly once

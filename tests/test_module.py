@@ -41,24 +41,50 @@ def loader(n: int = 32) -> DataLoader:
     return DataLoader(torch.rand(n, 1, 8, 8) * 2 - 1, batch_size=8)
 
 
-def test_nonfinite_gradients_are_zeroed_and_counted(tiny_unet_kwargs):
+class NaNLossAt(VEDiffusion):
+    """A test hook: the loss is NaN at the given (0-based) steps."""
+
+    nan_steps: frozenset[int] = frozenset()
+
+    def training_step(self, images, batch_idx):
+        loss = super().training_step(images, batch_idx)
+        return loss * math.nan if self.global_step in self.nan_steps else loss
+
+
+def fit_with_nans(tiny_unet_kwargs, nan_steps, max_steps, **kwargs):
     torch.manual_seed(0)
-    module = tiny_module(tiny_unet_kwargs)
-    first = next(module.parameters())
-    poisoned = {"left": 1}
+    module = NaNLossAt(UNet2D(**tiny_unet_kwargs), warmup_kimg=0, **kwargs)
+    module.nan_steps = frozenset(nan_steps)
+    weights = []
+    recorder = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda trainer, pl_module, *_: weights.append(
+            [p.detach().clone() for p in pl_module.parameters()]))
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[recorder])
+    return module, trainer, weights
 
-    def poison_once(grad):
-        if poisoned["left"]:
-            poisoned["left"] -= 1
-            return torch.full_like(grad, math.nan)
-        return grad
 
-    first.register_hook(poison_once)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+def test_nonfinite_steps_are_skipped_and_counted(tiny_unet_kwargs):
+    module, trainer, weights = fit_with_nans(tiny_unet_kwargs, nan_steps={1, 3}, max_steps=5)
     trainer.fit(module, train_dataloaders=loader())
-    assert int(module.nonfinite_grad_steps) == 1
+    assert module.skipped_steps == 2 and module.nonfinite_streak == 0
+    assert trainer.callback_metrics["train/skipped_steps"] == 2
+    # Skipped steps leave every weight exactly as it was; the others change it.
+    for step in range(1, 5):
+        unchanged = all(torch.equal(a, b) for a, b in zip(weights[step - 1], weights[step], strict=True))
+        assert unchanged == (step in {1, 3}), step
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # Adam's own step count skips them too.
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
+def test_consecutive_nonfinite_steps_stop_training_with_the_step_and_causes(tiny_unet_kwargs):
+    from vediff.module import NonFiniteLossError
+
+    module, trainer, _ = fit_with_nans(tiny_unet_kwargs, nan_steps={2, 3, 4, 5}, max_steps=10, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"at step 4: .* 3 steps in a row.*model.lr"):
+        trainer.fit(module, train_dataloaders=loader(80))
+    assert module.skipped_steps == 3
 
 
 def test_validation_loss_is_deterministic(tiny_unet_kwargs):
@@ -80,7 +106,25 @@ def test_ve_precond_pairs_with_ve_loss(tiny_unet_kwargs):
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(precond="vp"), "precond"), (dict(lr=0.0), "lr"), (dict(sigma_min=5.0, sigma_max=1.0), "sigma_min"),
+    (dict(max_nonfinite_steps=0), "max_nonfinite_steps"),
 ])
 def test_bad_module_arguments(tiny_unet_kwargs, kwargs, field):
     with pytest.raises(ConfigError, match=field):
         tiny_module(tiny_unet_kwargs, **kwargs)
+
+
+def test_channels_last_trains_the_same_model_with_the_same_checkpoint_keys(tiny_unet_kwargs, tmp_path):
+    results = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = tiny_module(tiny_unet_kwargs, channels_last=channels_last)
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+        torch.manual_seed(1)
+        trainer.fit(module, train_dataloaders=loader())
+        conv = next(p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        results[channels_last] = module.state_dict()
+    assert results[False].keys() == results[True].keys()
+    for name, tensor in results[False].items():  # the same arithmetic in another memory order
+        torch.testing.assert_close(results[True][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -8,9 +8,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
 from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
@@ -61,6 +62,21 @@ class HalfLifeEMA(EMAWeightAveraging):
         self.half_life_kimg = half_life_kimg
         self.rampup_ratio = rampup_ratio
         self.decay = 0.0
+        self.swapped = False  # the averaged weights are in the module (during validation)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self.swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self.swapped = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A stop during validation: put the raw weights back before ModelCheckpoint (always called last) saves.
+        if self.swapped:
+            self._swap_models(pl_module)
+            self.swapped = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -75,6 +91,27 @@ class HalfLifeEMA(EMAWeightAveraging):
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
         else:
             torch._foreach_copy_(averaged, current)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also saves when the job is told to stop: on SIGTERM (preemption, a scheduler's
+    time limit) once the running step is done, and on Ctrl+C. Other exceptions save nothing.
+
+    With `save_on_exception` set, the stop writes the same file as the regular saves (vediff's configs: `last.ckpt`),
+    so `--ckpt_path last` resumes from it. Lightning itself notices SIGTERM after every step only when several
+    processes run; with one it would wait for the end of the epoch, so this callback checks after every step too.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.received_sigterm and trainer.world_size == 1:
+            raise SIGTERMException
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            super().on_exception(trainer, pl_module, exception)
 
 
 class SampleGrids(Callback):
@@ -223,8 +260,9 @@ class SampleQuality(Callback):
             self.metrics.add_generated(quantize(images.float()))
         values = self.metrics.compute()  # a collective: every process gets here
         label = self.sampler.label
-        pl_module.log(f"fid/{label}", values["fid"], batch_size=1)
-        pl_module.log(f"kid/{label}", values["kid"], batch_size=1)
+        # The values are already gathered and equal on every process; sync_dist only tells Lightning so.
+        pl_module.log(f"fid/{label}", values["fid"], batch_size=1, sync_dist=True)
+        pl_module.log(f"kid/{label}", values["kid"], batch_size=1, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}

@@ -1,15 +1,17 @@
-"""Loading trained denoisers from Lightning checkpoints without executing code from the file."""
+"""Checkpoints on disk: written whole or not at all, and read back without executing code from the file."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import pickle
 import re
 import warnings
-import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from vediff.module import VEDiffusion
 from vediff.network import UNet2D
@@ -20,25 +22,72 @@ from vediff.utils import ConfigError
 KNOWN_NETWORKS = {"vediff.UNet2D": UNet2D, "vediff.network.UNet2D": UNet2D}
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Tensors and plain data only (`weights_only`): a checkpoint cannot run code while it loads."""
+class NonFiniteWeightsError(RuntimeError):
+    """Training produced NaN or infinite weights; the checkpoint that would hold them is not written."""
+
+
+# Lightning's TorchCheckpointIO stages files in the system temp folder and moves them, which is a plain copy (and not
+# atomic) when that folder is on another file system; this one stages beside the target instead.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to `<name>.partial` beside it, flushes it to disk and renames it over the target.
+
+    A checkpoint on disk is therefore always complete, even if the process is killed while saving; a killed save
+    leaves only the `.partial` file, which the next save overwrites. Checkpoints whose weights are not finite are
+    refused with `NonFiniteWeightsError`, so the last good checkpoint is never replaced by a broken one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        check_finite_weights(checkpoint, path)
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, target)  # atomic on POSIX and Windows: readers see the old file or the new one
+
+
+def check_finite_weights(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Raise NonFiniteWeightsError if any floating-point weight (averaged or raw) is NaN or infinite."""
+    for key in ("state_dict", "current_model_state"):
+        for name, tensor in checkpoint.get(key, {}).items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteWeightsError(
+                    f"weight '{name}' is NaN or infinite at step {checkpoint.get('global_step')}; not writing "
+                    f"'{path}', the previous checkpoint stays; resume from it with a lower model.lr"
+                )
+
+
+def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
+    """Tensors and plain data only (`weights_only`): a checkpoint cannot run code while it loads.
+
+    `field` names the flag that gave the path in the one-line errors.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--ckpt: checkpoint '{path}' does not exist")
+        raise ConfigError(f"{field}: checkpoint '{path}' does not exist")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal is enough
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what = f" ({culprit[1]})" if culprit else ""
-        raise ConfigError(f"--ckpt: '{path}' holds code or objects beyond tensors and plain data{what}; refused, "
-                          "nothing was executed") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--ckpt: cannot read '{path}': truncated or not a PyTorch checkpoint ({first})") from None
+    except Exception as error:  # unpickling garbage raises nearly any type (KeyError, IndexError, EOFError, …)
+        if isinstance(error, pickle.UnpicklingError):
+            # weights_only loading stops at the first thing that is not a tensor or plain data (a function to call,
+            # a class to build) before anything runs. torch's own advice, to retry unsafely, is not repeated here.
+            culprit = re.search(r"GLOBAL (\S+)", str(error))
+            what = f" such as {culprit[1]}" if culprit else ""
+            raise ConfigError(f"{field}: '{path}' refused: it holds more than tensors and plain data (pickled code or "
+                              f"objects{what}, or damaged bytes); nothing in it was executed") from None
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{field}: cannot read '{path}': truncated or not a PyTorch checkpoint "
+                          f"({type(error).__name__}{': ' + first if first else ''})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ConfigError(f"--ckpt: '{path}' is not a vediff training checkpoint (no state_dict/hyper_parameters)")
+        raise ConfigError(f"{field}: '{path}' is not a vediff training checkpoint (no state_dict/hyper_parameters)")
     return checkpoint
 
 
@@ -64,6 +113,23 @@ def denoiser_from(checkpoint: dict, path: str | Path) -> Precond:
         first = str(error).strip().splitlines()[0]
         raise ConfigError(f"--ckpt: '{path}' does not match its own architecture ({first})") from None
     return module.denoiser.eval()
+
+
+def check_same_shapes(checkpoint_shapes: dict[str, tuple[int, ...]], module: torch.nn.Module, path: str | Path,
+                      field: str = "ckpt_path") -> None:
+    """Raise a ConfigError naming the first weight whose shape differs between a checkpoint and `module`."""
+    own = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    missing = sorted(own.keys() - checkpoint_shapes.keys())
+    unexpected = sorted(checkpoint_shapes.keys() - own.keys())
+    differing = [name for name in own.keys() & checkpoint_shapes.keys() if own[name] != checkpoint_shapes[name]]
+    if missing or unexpected or differing:
+        if differing:
+            name = sorted(differing)[0]
+            detail = f"'{name}' is {list(checkpoint_shapes[name])} there and {list(own[name])} here"
+        else:
+            detail = f"weights {(missing or unexpected)[:2]} are only on one side"
+        raise ConfigError(f"{field}: '{path}' holds another architecture ({detail}); use the config it was trained "
+                          "with (config.yaml beside its checkpoints folder) or start a new run without --ckpt_path")
 
 
 def newest_checkpoint(root: str | Path = "lightning_logs") -> Path | None:

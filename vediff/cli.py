@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,10 +11,12 @@ from typing import NoReturn
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vediff.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
+from vediff.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
+from vediff.checkpoints import NonFiniteWeightsError, check_same_shapes, read_checkpoint
 from vediff.data import ImageDataModule, resolve_channels
-from vediff.module import VEDiffusion
+from vediff.module import NonFiniteLossError, VEDiffusion
 from vediff.utils import ConfigError, fail
 
 
@@ -33,18 +37,20 @@ class VediffCLI(LightningCLI):
             ("data.dataset", "data.channels"), "model.net.init_args.in_channels", compute_fn=resolve_channels
         )
         parser.add_lightning_class_args(HalfLifeEMA, "ema")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "snapshot")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(SampleGrids, "sample_grids")
         parser.add_lightning_class_args(SampleQuality, "sample_quality")
         parser.set_defaults({
             "model.net": {"class_path": "vediff.UNet2D"},
-            # `checkpoint` keeps one rolling checkpoint with last.ckpt linked to it (Lightning writes last.ckpt only
-            # beside a real save); `snapshot` keeps a numbered copy now and then.
-            "checkpoint.save_last": "link",
+            # `checkpoint` rewrites one file, last.ckpt, in place (whole or not at all, see AtomicCheckpointIO), also
+            # on SIGTERM and Ctrl+C; `snapshot` keeps a numbered copy now and then.
+            "checkpoint.filename": "last",
+            "checkpoint.enable_version_counter": False,
             "checkpoint.save_top_k": 1,
             "checkpoint.every_n_epochs": 1,
+            "checkpoint.save_on_exception": True,
             "snapshot.save_top_k": -1,
             "snapshot.every_n_epochs": 100,
             "snapshot.filename": "snapshot-{epoch}-{step}",
@@ -53,8 +59,41 @@ class VediffCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+        if self.subcommand != "fit":
+            return
+        logger_args = getattr(self.config.fit.trainer.get("logger"), "init_args", None)
+        if logger_args is not None and logger_args.get("save_dir"):
+            check_writable(Path(logger_args.save_dir), "trainer.logger.init_args.save_dir")
+        check_writable(Path(self.config.fit.data.root), "data.root")
+        if self.config.fit.get("ckpt_path") == "last":
             self._resume_newest_run(self.config.fit)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's hyperparameters from the checkpoint here; read it first, safely, so that a
+        # missing, damaged or foreign file is a one-line error, and keep its shapes for the check in before_fit.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry"):
+            state_dict = read_checkpoint(path, field="ckpt_path")["state_dict"]
+            self.resume_shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        if getattr(self, "resume_shapes", None) is not None:
+            check_same_shapes(self.resume_shapes, self.model, self.config.fit.ckpt_path)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Loggers create their folder before data and callbacks are set up; a mistake found there must not leave an
+        # empty run behind (it would also become the run that `--ckpt_path last` resumes).
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        created = first_missing(Path(log_dir)) if log_dir else None
+        try:
+            super()._run_subcommand(subcommand)
+        except ConfigError:
+            if created is not None and created.is_dir() and self.trainer.is_global_zero:
+                if not any(created.rglob("*.ckpt")):
+                    shutil.rmtree(created)
+            raise
 
     def _resume_newest_run(self, config) -> None:
         """Point `ckpt_path` at the newest last.ckpt of this logger and reuse that run's log folder."""
@@ -74,6 +113,26 @@ class VediffCLI(LightningCLI):
         init_args.version = newest.parent.parent.name
         self.save_config_kwargs["overwrite"] = True  # the run's own config.yaml is rewritten, not an error
         self._parse_ckpt_path()
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Fail early, before anything is written, if `folder` cannot be created or written to."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: cannot write to '{folder}' ('{existing}' is not a writable folder); "
+                          "choose a folder you can write to")
 
 
 def resolve_config_paths(args: Sequence[str], config_dirs: Sequence[Path]) -> list[str]:
@@ -107,6 +166,7 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
             parser_class=OneLineParser,
             seed_everything_default=0,
             trainer_defaults={
+                "plugins": [{"class_path": "vediff.checkpoints.AtomicCheckpointIO"}],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "lightning_logs", "name": "vediff"},
@@ -115,3 +175,8 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
         )
     except ConfigError as error:
         fail(str(error))
+    except (NonFiniteLossError, NonFiniteWeightsError) as error:
+        fail(str(error), status=1)
+    except SIGTERMException:
+        fail("stopped by SIGTERM; the checkpoint of the last finished step is saved, resume with --ckpt_path last",
+             status=143)

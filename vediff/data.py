@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from vediff.utils import ConfigError
@@ -109,6 +110,43 @@ class ImageFolderDataset(Dataset):
             raise ConfigError(message) from None
 
 
+class WithIndex(Dataset):
+    """Each image with its index, so validation noise follows the image, not the batch or process it lands in."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        return (item[0] if isinstance(item, tuple) else item), index
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles from (seed, epoch), shards the epoch across processes without repeats, and can start an epoch part-way.
+
+    A run resumed mid-epoch skips the images this epoch already used, so each image is still seen once per epoch.
+    Being a DistributedSampler, Lightning keeps it under DDP instead of wrapping it, and calls `set_epoch` for us.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.resume_epoch, self.resume_skip = -1, 0
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Make epoch `epoch` start after its first `skip` indices of this process (later epochs start whole)."""
+        self.resume_epoch, self.resume_skip = epoch, skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.epoch == self.resume_epoch:
+            indices = indices[self.resume_skip :]
+        self.resume_epoch = -1
+        return iter(indices)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Images from scikit-learn's digits, CIFAR-10, a Hugging Face dataset or a local folder.
 
@@ -168,6 +206,8 @@ class ImageDataModule(L.LightningDataModule):
         self.hf = dict(name=hf_name, data_dir=hf_data_dir, split=hf_split, column=image_column)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.position = {"epoch": 0, "batches": 0}  # training batches used so far in the current epoch, per process
+        self.resume_position: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         # Runs on one process per node before anything is written: downloads and checks happen here.
@@ -177,15 +217,23 @@ class ImageDataModule(L.LightningDataModule):
             self._huggingface()
         elif self.dataset_name == "folder":
             check_images(find_images(self.root))
+        self._check_sizes(len(self._load()))
+
+    def _check_sizes(self, total: int) -> None:
+        if self.val_size >= total:
+            raise ConfigError(
+                f"data.val_size: {self.val_size} leaves no training images out of {total}; make it smaller"
+            )
+        if total - self.val_size < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size: {self.batch_size} is larger than the {total - self.val_size} training images"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         full = self._load()
-        if self.val_size >= len(full):
-            raise ConfigError(
-                f"data.val_size: {self.val_size} leaves no training images out of {len(full)}; make it smaller"
-            )
+        self._check_sizes(len(full))
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = Subset(full, order[: self.val_size])
         self.train_set = Subset(full, order[self.val_size :])
@@ -246,10 +294,17 @@ class ImageDataModule(L.LightningDataModule):
         return table
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = None
+        if train:
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = ResumableSampler(dataset, world, rank, self.seed)
+            if self.resume_position is not None:
+                sampler.resume(self.resume_position["epoch"], self.resume_position["batches"] * self.batch_size)
+                self.resume_position = None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -257,19 +312,33 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.train_set) < self.batch_size:
-            raise ConfigError(
-                f"data.batch_size: {self.batch_size} is larger than the {len(self.train_set)} training images"
-            )
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(WithIndex(self.val_set), train=False)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> torch.Tensor:
-        # Batches arrive as a tensor or a 1-tuple (TensorDataset); flips run on the device, per batch.
+    def state_dict(self) -> dict[str, int]:
+        # Saved in every checkpoint by Lightning: where in its epoch a resumed run picks the data up again.
+        return dict(self.position)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position = dict(state_dict)
+        self.resume_position = dict(state_dict)
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; ResumableSampler does it here.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # Training batches arrive as a tensor or a 1-tuple (TensorDataset); validation ones as (images, indices).
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            return tuple(batch)
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.hflip and self.trainer is not None and self.trainer.training:
+        training = self.trainer is not None and self.trainer.training
+        if training:  # counted here, when a step takes the batch, not when a loader prefetches it
+            epoch = self.trainer.current_epoch
+            if epoch != self.position["epoch"]:
+                self.position = {"epoch": epoch, "batches": 0}
+            self.position["batches"] += 1
+        if self.hflip and training:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images

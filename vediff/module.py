@@ -15,6 +15,10 @@ from vediff.preconditioning import DEFAULT_SIGMA_RANGE, EDMPrecond, Precond, VEP
 from vediff.utils import ConfigError
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training met NaN or infinite losses or gradients for `max_nonfinite_steps` steps in a row."""
+
+
 class VEDiffusion(L.LightningModule):
     """A UNet wrapped in EDM or VE preconditioning, trained with the matching loss (EDM Table 1).
 
@@ -36,6 +40,11 @@ class VEDiffusion(L.LightningModule):
         val_sigmas: Number of fixed noise levels for the validation loss: the midpoint quantiles of the training σ
             distribution, so their mean estimates the expected training loss.
         val_seed: Seed of the fixed validation noise.
+        max_nonfinite_steps: A step whose loss or gradients hold NaN or infinity is skipped (no weight update) and
+            counted (`train/skipped_steps`); training stops with `NonFiniteLossError` after this many in a row.
+        compile: Compile the network with `torch.compile` (in place, so checkpoint keys do not change).
+        channels_last: Keep weights and activations in channels-last memory layout (faster convolutions on GPUs
+            with tensor cores; see benchmarks/RESULTS.md for CPU).
     """
 
     def __init__(
@@ -53,6 +62,9 @@ class VEDiffusion(L.LightningModule):
         warmup_kimg: float = 10000.0,
         val_sigmas: int = 8,
         val_seed: int = 0,
+        max_nonfinite_steps: int = 100,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -63,6 +75,8 @@ class VEDiffusion(L.LightningModule):
             raise ConfigError(f"model.lr: {lr} must be positive")
         if warmup_kimg < 0:
             raise ConfigError(f"model.warmup_kimg: {warmup_kimg} must be 0 or more")
+        if max_nonfinite_steps < 1:
+            raise ConfigError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be at least 1")
         if val_sigmas < 1:
             raise ConfigError(f"model.val_sigmas: {val_sigmas} must be at least 1")
         default_min, default_max = DEFAULT_SIGMA_RANGE[precond]
@@ -79,7 +93,8 @@ class VEDiffusion(L.LightningModule):
             raise ConfigError(f"model: {error}") from None
         self.val_sigma_grid = self.loss_fn.sigma_quantiles(val_sigmas)
         self.images_per_step = 0  # global batch: set by the first training step, used by warm-up and EMA
-        self.nonfinite_grad_steps = torch.zeros((), dtype=torch.long)
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+        self.nonfinite_streak = 0  # of which in a row, up to now
         self._last_step_time: float | None = None
 
     @property
@@ -90,12 +105,21 @@ class VEDiffusion(L.LightningModule):
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, sigma)
 
+    def configure_model(self) -> None:
+        # Runs after callbacks' setup, so the EMA copy is made of the plain network, not of a compiled one.
+        if self.hparams.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.denoiser.net.compile()
+            self._compiled = True
+
     def on_fit_start(self) -> None:
         count = sum(p.numel() for p in self.denoiser.net.parameters())
         rank_zero_info(f"{type(self.denoiser.net).__name__}: {count / 1e6:.2f} M parameters")
-        self.nonfinite_grad_steps = self.nonfinite_grad_steps.to(self.device)
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         self.images_per_step = images.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
         loss = self.loss_fn(self.denoiser, images).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
@@ -109,18 +133,31 @@ class VEDiffusion(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # EDM zeroes non-finite gradients instead of clipping; the count of affected steps is logged.
+        # Gradients are already all-reduced (and unscaled under 16-mixed), so every process takes the same decision.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm(grads))
-        self.nonfinite_grad_steps += (~torch.isfinite(norms)).any().long()
-        for grad in grads:
-            torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        self.log("train/nonfinite_grad_steps", self.nonfinite_grad_steps.float(), on_step=True, on_epoch=False)
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # one host sync per step
+        if finite:
+            self.nonfinite_streak = 0
+        else:
+            # A NaN loss gives NaN gradients too. Without gradients Adam leaves weights and moments untouched.
+            for param in self.parameters():
+                param.grad = None
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        if self.nonfinite_streak >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"training stopped at step {self.global_step}: the loss or gradients were NaN or infinite for "
+                f"{self.nonfinite_streak} steps in a row (model.max_nonfinite_steps); likely causes: a learning rate "
+                "too high (model.lr), float16 overflow (use bf16-mixed or 32-true), or bad images in the data; resume "
+                "from the last checkpoint with --ckpt_path last after fixing it"
+            )
 
-    def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
-        # Fixed noise per batch and a fixed σ grid make validation curves comparable from epoch to epoch.
-        generator = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        noise = torch.randn(images.shape, generator=generator).to(images.device)
+    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        # Fixed noise and a fixed σ grid make validation curves comparable from epoch to epoch. With image indices
+        # (ImageDataModule) the noise follows each image, so the loss does not depend on batch size or device count.
+        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        noise = self.validation_noise(images, batch_idx if indices is None else indices)
         sigmas = self.val_sigma_grid.to(images.device)
         losses = torch.stack([
             self.loss_fn(self.denoiser, images, sigma=sigma.expand(images.shape[0]), noise=noise).mean()
@@ -130,6 +167,16 @@ class VEDiffusion(L.LightningModule):
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=batch_size)
         for sigma, loss in zip(self.val_sigma_grid.tolist(), losses, strict=True):
             self.log(f"val_by_sigma/sigma_{sigma:.3g}", loss, sync_dist=True, batch_size=batch_size)
+
+    def validation_noise(self, images: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
+        """Standard normal noise like `images`, seeded per image index (a tensor) or per batch index (an int)."""
+        base = self.hparams.val_seed * 1_000_003
+        if isinstance(key, int):
+            noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(base + key))
+        else:
+            noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(base + i))
+                                 for i in key.tolist()])
+        return noise.to(images.device)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -144,10 +191,10 @@ class VEDiffusion(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_grad_steps"] = int(self.nonfinite_grad_steps)
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_grad_steps = torch.tensor(checkpoint.get("nonfinite_grad_steps", 0))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
 
 def _store_net_config(hparams: dict, net: nn.Module) -> None:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--devices", type=int, default=1, help="processes; seeds are split over them (Lightning Fabric DDP)")
     arg("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
         help="network precision (sampler arithmetic stays float32)")
+    arg("--compile", action="store_true", help="compile the network with torch.compile (pays off for many batches)")
+    arg("--channels-last", action="store_true", help="channels-last memory layout for the network")
     group = parser.add_argument_group("sampler settings (σ bounds default to the model's training range)")
     setting = group.add_argument
     setting("--sigma-min", type=float, help="smallest noise level (karras_ve, score_sde_ve)")
@@ -162,7 +164,12 @@ def main() -> None:
     fabric.launch()
     fabric.print(f"Sampling {ckpt} with {config.sampler}, {config.nfe} network evaluations per image")
     start = time.perf_counter()
-    pipeline = config.pipeline(denoiser.to(fabric.device))
+    denoiser = denoiser.to(fabric.device)
+    if args.channels_last:
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    if args.compile:
+        denoiser.net.compile()
+    pipeline = config.pipeline(denoiser)
     mine = seeds[fabric.global_rank :: fabric.world_size]
     with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
         for chunk in batches(mine, args.batch_size):

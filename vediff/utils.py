@@ -21,10 +21,10 @@ def one_line(message: str) -> str:
     return " ".join(lines).removeprefix(f"{ConfigError.__module__}.{ConfigError.__name__}: ")
 
 
-def fail(message: str) -> NoReturn:
-    """End a command-line program over a user mistake: one line on stderr, exit status 2, no traceback."""
+def fail(message: str, status: int = 2) -> NoReturn:
+    """End a command-line program over a user mistake (or a clean stop): one line on stderr, no traceback."""
     sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(message)}\n")
-    sys.exit(2)
+    sys.exit(status)
 
 
 # k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
