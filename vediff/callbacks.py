@@ -113,6 +113,17 @@ class ResumableCheckpoint(ModelCheckpoint):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             super().on_exception(trainer, pl_module, exception)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # The end of a run is always saved, whatever every_n_epochs says (max_steps can also end it mid-epoch), so
+        # every run can be resumed and sampled. Here, after the epoch's validation and before EMA's on_train_end.
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        ending = (trainer.should_stop or trainer.current_epoch + 1 >= max_epochs
+                  or 0 < trainer.max_steps <= trainer.global_step)
+        if ending and not trainer.sanity_checking and not trainer.fast_dev_run \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+
 
 class SampleGrids(Callback):
     """Every N validations, one grid per sampler from fixed seeds into TensorBoard (`samples/<name>`), with the

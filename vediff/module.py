@@ -105,8 +105,11 @@ class VEDiffusion(L.LightningModule):
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, sigma)
 
-    def configure_model(self) -> None:
-        # Runs after callbacks' setup, so the EMA copy is made of the plain network, not of a compiled one.
+    def setup(self, stage: str) -> None:
+        # Lightning calls this after the callbacks' setup (the EMA copy is made of the plain network, not a compiled
+        # one) and before DDP wraps the module (whose gradient buckets then match the memory layout).
+        if stage != "fit":
+            return
         if self.hparams.channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):

@@ -1,0 +1,147 @@
+"""Sampler overhead and sampling throughput against the reference library's pipelines.
+
+1. Overhead: wall time of a pipeline call / (network evaluations × one bare denoiser forward at the same batch).
+   1.0 is the physical limit: everything but the network is free.
+2. Peers: images/s of our pipelines against diffusers' pipelines driving the same network, through thin adapters to
+   the interface each expects, at the same number of network evaluations (diffusers' VE pipelines draw 3 channels, so
+   only the CIFAR-shaped model is compared).
+
+    python benchmarks/bench_samplers.py [--batch-size 64] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from common import median_seconds, table, write_section
+from models import CIFAR_SHAPED, MODELS, denoiser, parameters
+
+from vediff import (
+    DDIMPipeline,
+    DDIMScheduler,
+    KarrasVePipeline,
+    KarrasVeScheduler,
+    ScoreSdeVePipeline,
+    ScoreSdeVeScheduler,
+)
+
+# (label, pipeline class, scheduler, steps, network evaluations). Few steps keep CPU runs short; the overhead is
+# per evaluation, so it does not depend on the step count.
+SAMPLERS = [
+    ("karras_ve (Heun)", KarrasVePipeline, lambda: KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0), 6, 11),
+    ("score_sde_ve (PC)", ScoreSdeVePipeline, lambda: ScoreSdeVeScheduler(sigma_min=0.002, sigma_max=80.0), 5, 10),
+    ("ddim (η = 0)", DDIMPipeline, DDIMScheduler, 10, 10),
+]
+
+
+class _Output:
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+
+class _Adapter(torch.nn.Module):
+    """Our denoiser D(x, σ) behind the call signature and output a diffusers pipeline expects from its `unet`."""
+
+    def __init__(self, denoiser: torch.nn.Module, convert) -> None:
+        super().__init__()
+        self.denoiser, self.convert = denoiser, convert
+        self.config = type("Config", (), {"sample_size": denoiser.sample_size, "in_channels": denoiser.in_channels})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, x: torch.Tensor, t) -> _Output:
+        return _Output(self.convert(self.denoiser, x, t))
+
+
+def karras_unet_output(denoiser, u, s):
+    # diffusers' KarrasVePipeline feeds (x + 1)/2 and σ/2 and scales the output by σ/2 into (D − x)/σ.
+    x, sigma = 2 * u - 1, 2 * float(s)
+    return (denoiser(x, sigma) - x) * 2 / sigma**2
+
+
+def score_unet_output(denoiser, x, sigma):
+    # diffusers' ScoreSdeVePipeline takes the network output as the score (D − x)/σ².
+    sigma = sigma.to(x.device).float()
+    return (denoiser(x, sigma) - x) / sigma[:, None, None, None] ** 2
+
+
+def ddim_unet_output(alphas_cumprod):
+    def convert(denoiser, x, t):
+        # VP-form ε for diffusers' DDIMPipeline: x_ve = x/√ᾱ, σ = √((1 − ᾱ)/ᾱ), ε = (x_ve − D)/σ.
+        alpha = float(alphas_cumprod[int(t)])
+        sigma = math.sqrt((1 - alpha) / alpha)
+        x_ve = x / math.sqrt(alpha)
+        return (x_ve - denoiser(x_ve, sigma)) / sigma
+    return convert
+
+
+def reference_pipelines(net):
+    import diffusers
+
+    ddim_scheduler = diffusers.DDIMScheduler()
+    return [
+        diffusers.KarrasVePipeline(unet=_Adapter(net, karras_unet_output),
+                                   scheduler=diffusers.KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0)),
+        diffusers.ScoreSdeVePipeline(unet=_Adapter(net, score_unet_output),
+                                     scheduler=diffusers.ScoreSdeVeScheduler(sigma_min=0.002, sigma_max=80.0)),
+        diffusers.DDIMPipeline(unet=_Adapter(net, ddim_unet_output(ddim_scheduler.alphas_cumprod)),
+                               scheduler=ddim_scheduler),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    overhead_rows, peer_rows = [], []
+    for model_name, config in MODELS.items():
+        net = denoiser(config, args.device)
+        x = torch.randn(args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"],
+                        device=args.device)
+        forward = median_seconds(lambda: net(x, 1.0), repeat=10 * args.repeat, warmup=3)  # noqa: B023
+        ours = {}
+        for label, pipeline_class, make_scheduler, steps, nfe in SAMPLERS:
+            pipeline = pipeline_class(net, make_scheduler())
+            pipeline.set_progress_bar_config(disable=True)
+            seconds = median_seconds(lambda: pipeline(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
+                                                      output_type="pt", generator=torch.Generator().manual_seed(0)),
+                                     repeat=args.repeat)
+            ours[label] = seconds
+            overhead_rows.append([model_name, parameters(net), label, nfe, f"{forward * 1e3:.1f}",
+                                  f"{seconds:.2f}", f"**{seconds / (nfe * forward):.3f}**"])
+        if config is CIFAR_SHAPED:
+            for (label, _, _, steps, nfe), reference in zip(SAMPLERS, reference_pipelines(net), strict=True):
+                reference.set_progress_bar_config(disable=True)
+                theirs = median_seconds(lambda: reference(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
+                                                          output_type="np", generator=torch.Generator().manual_seed(0)),
+                                        repeat=args.repeat)
+                peer_rows.append([model_name, label, nfe, f"{args.batch_size / ours[label]:.1f}",
+                                  f"{args.batch_size / theirs:.1f}", f"**{theirs / ours[label]:.2f}×**"])
+    body = (
+        f"Batch {args.batch_size}, untrained networks (timing does not depend on the weights), median of "
+        f"{args.repeat} calls after one warm-up.\n\n**Sampler overhead** = pipeline wall time / (evaluations × one "
+        "bare forward of the denoiser at the same batch); 1.0 is the limit.\n\n"
+        + table(["model", "params", "sampler", "evaluations", "forward (ms)", "pipeline (s)", "overhead"],
+                overhead_rows)
+        + "\n\n**Against diffusers' pipelines** driving the same network (through adapters to the interface each "
+        "expects; our DDIM runs the same VP-form update in the VE frame), same evaluations. Speed-up = their time / "
+        "ours.\n\n"
+        + table(["model", "sampler", "evaluations", "ours (images/s)", "diffusers (images/s)", "speed-up"],
+                peer_rows)
+    )
+    write_section("samplers", "Sampler overhead and sampling throughput", body)
+
+
+if __name__ == "__main__":
+    main()
