@@ -143,3 +143,35 @@ def test_missing_inception_weights_offline_is_one_clear_line(checkpoint, tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--inception-weights" in lines[0] and "pixels" in lines[0], result.stderr[-2000:]
     assert not list((tmp_path / "out").glob("*.png"))  # refused before any sampling
+
+
+def test_export_writes_a_pipeline_folder_that_samples_the_same_images(checkpoint, tmp_path):
+    from vediff import ImagePipeline, KarrasVePipeline
+
+    exported = run_script("sample.py", "--ckpt", str(checkpoint), "--sampler", "karras_ve", "--s-churn", "20",
+                          "--export", str(tmp_path / "pipe"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert not (tmp_path / "samples").exists()  # exporting samples nothing
+    pipeline = ImagePipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipeline) is KarrasVePipeline and pipeline.scheduler.config["s_churn"] == 20
+    # The folder works as --ckpt, and gives the checkpoint's images byte for byte.
+    sample(checkpoint, tmp_path / "from_ckpt")
+    sample(tmp_path / "pipe", tmp_path / "from_folder")
+    for seed in SEEDS:
+        assert (tmp_path / "from_folder" / f"{seed:06d}.png").read_bytes() == \
+               (tmp_path / "from_ckpt" / f"{seed:06d}.png").read_bytes(), seed
+    refused = run_script("sample.py", "--ckpt", str(tmp_path / "pipe"), "--fid", cwd=tmp_path)
+    assert refused.returncode == 2 and "--fid: the pipeline folder" in refused.stderr
+
+
+def test_the_sampler_guide_script_draws_its_figures(checkpoint, tmp_path):
+    result = run_script("benchmarks/sampler_guide.py", "--ckpt", str(checkpoint), "--num-images", "8",
+                        "--batch-size", "8", "--max-steps", "2", "--outdir", str(tmp_path / "docs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plot = Image.open(tmp_path / "docs" / "sampler_tradeoff.png")
+    grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
+    assert plot.size[0] > 400 and plot.size[1] > 300
+    assert grid.size == (10 * 9 + 1, 5 * 9 + 1)  # 10 seeds × 5 sampler settings of 8×8 images, padding 1
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "evaluations" not in line]
+    assert len(rows) == 5  # one point per curve at 2 steps
+    assert {row.split("|")[3].strip() for row in rows} == {"3", "4", "2"}  # Heun 2·2−1, PC 2·2, DDIM 2

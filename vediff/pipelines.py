@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from vediff.samplers import (
     sample_score_sde_ve,
 )
 from vediff.schedulers import DDIMScheduler, KarrasVeScheduler, Output, Scheduler, ScoreSdeVeScheduler
+from vediff.utils import ConfigError
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -37,16 +39,88 @@ class ImagePipelineOutput(Output):
 
 
 class ImagePipeline:
-    """What the three pipelines share: the denoiser, its scheduler, input checks, initial noise and output format.
+    """What the three pipelines share: the denoiser, its scheduler, saving and loading, devices, input checks,
+    initial noise and output format.
 
     Extra keyword arguments of `__call__`: `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
-    and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised).
+    and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised). A tqdm progress
+    bar shows the steps unless `set_progress_bar_config(disable=True)`.
     """
 
+    scheduler_class: type[Scheduler] = Scheduler
+    sampler_name = ""
+
     def __init__(self, unet: Denoiser, scheduler: Scheduler) -> None:
+        if not isinstance(scheduler, self.scheduler_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.scheduler_class.__name__}, got "
+                            f"{type(scheduler).__name__}; e.g. {type(self).__name__}(unet=other.unet, "
+                            f"scheduler={self.scheduler_class.__name__}())")
         self.unet = unet
         self.scheduler = scheduler
         self._progress_bar_config: dict[str, Any] = {}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The pipeline's parts, to build another pipeline over the same denoiser without copying it:
+        `DDIMPipeline(**{**pipe.components, "scheduler": DDIMScheduler()})`."""
+        return {"unet": self.unet, "scheduler": self.scheduler}
+
+    def to(self, *args: Any, **kwargs: Any) -> ImagePipeline:
+        """Move the denoiser, as `torch.nn.Module.to` does (a device, a dtype or both); returns the pipeline."""
+        if isinstance(self.unet, torch.nn.Module):
+            self.unet.to(*args, **kwargs)
+        return self
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the pipeline as a folder: JSON configs and safetensors weights, no pickle (see `vediff.pretrained`).
+
+        The denoiser must be an EDMPrecond or VEPrecond over a vediff network (e.g. `VEDiffusion.denoiser`).
+        """
+        from vediff import __version__
+        from vediff.pretrained import MODEL_INDEX, save_denoiser, write_json
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_denoiser(self.unet, folder)
+        self.scheduler.save_config(folder / "scheduler")
+        write_json(folder / MODEL_INDEX, {"_class_name": type(self).__name__, "_vediff_version": __version__,
+                                          "unet": type(self.unet).__name__, "scheduler": type(self.scheduler).__name__})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, scheduler: Scheduler | None = None) -> ImagePipeline:
+        """Rebuild a pipeline from a `save_pretrained` folder, or from a vediff training checkpoint (`.ckpt`, its EMA
+        weights). Nothing is unpickled: folders are JSON and safetensors, checkpoints load `weights_only`.
+
+        Called on `ImagePipeline` itself, a folder gives the pipeline class it names. A checkpoint holds no scheduler:
+        the pipeline's default one over the model's σ range is used unless `scheduler` is given.
+        """
+        from vediff.checkpoints import load_denoiser
+        from vediff.pretrained import MODEL_INDEX, SCHEDULER_CONFIG, load_denoiser_folder, read_json
+        from vediff.sampling import SamplerConfig
+
+        path = Path(path)
+        if path.is_file():
+            if cls is ImagePipeline:
+                raise ConfigError(f"'{path}' is a checkpoint, which names no sampler; call from_pretrained on "
+                                  "KarrasVePipeline, ScoreSdeVePipeline or DDIMPipeline")
+            denoiser = load_denoiser(path)
+            if scheduler is None:
+                pipeline = SamplerConfig(sampler=cls.sampler_name).pipeline(denoiser)
+                pipeline.set_progress_bar_config()  # SamplerConfig turns the bar off; a user-facing pipeline shows it
+                return pipeline
+            return cls(unet=denoiser, scheduler=scheduler)
+        if not path.is_dir():
+            raise ConfigError(f"'{path}' is neither a pipeline folder (save_pretrained) nor a checkpoint (.ckpt)")
+        name = read_json(path / MODEL_INDEX).get("_class_name")
+        target = PIPELINE_CLASSES.get(name)
+        if target is None or (cls is not ImagePipeline and target is not cls):
+            raise ConfigError(f"'{path}' holds a {name} pipeline, not a {cls.__name__}; load it with "
+                              f"{name}.from_pretrained, then reuse its denoiser: "
+                              f"{cls.__name__}(unet=pipe.unet, scheduler=...)")
+        denoiser = load_denoiser_folder(path)
+        scheduler = scheduler or target.scheduler_class.from_config(path / SCHEDULER_CONFIG)
+        return target(unet=denoiser, scheduler=scheduler)
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +170,9 @@ class KarrasVePipeline(ImagePipeline):
         scheduler: A `KarrasVeScheduler`.
     """
 
+    scheduler_class = KarrasVeScheduler
+    sampler_name = "karras_ve"
+
     @torch.no_grad()
     def __call__(
         self,
@@ -129,6 +206,9 @@ class ScoreSdeVePipeline(ImagePipeline):
         unet: The denoiser D(x, sigma); its score (D − x)/σ² drives the sampler.
         scheduler: A `ScoreSdeVeScheduler`.
     """
+
+    scheduler_class = ScoreSdeVeScheduler
+    sampler_name = "score_sde_ve"
 
     @torch.no_grad()
     def __call__(
@@ -165,6 +245,9 @@ class DDIMPipeline(ImagePipeline):
         scheduler: A `DDIMScheduler`.
     """
 
+    scheduler_class = DDIMScheduler
+    sampler_name = "ddim"
+
     @torch.no_grad()
     def __call__(
         self,
@@ -200,5 +283,4 @@ PIPELINES: dict[str, tuple[type[ImagePipeline], type[Scheduler]]] = {
     "score_sde_ve": (ScoreSdeVePipeline, ScoreSdeVeScheduler),
     "ddim": (DDIMPipeline, DDIMScheduler),
 }
-
-
+PIPELINE_CLASSES: dict[str, type[ImagePipeline]] = {pipeline.__name__: pipeline for pipeline, _ in PIPELINES.values()}

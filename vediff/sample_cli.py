@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -22,8 +21,9 @@ from tqdm.auto import tqdm
 from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
 from vediff.data import ImageDataModule
 from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
+from vediff.pretrained import load_denoiser_folder
 from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, parse_seeds, to_uint8
-from vediff.utils import ConfigError, fail
+from vediff.utils import ConfigError, fail, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
 
@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     arg = parser.add_argument
-    arg("--ckpt", help="checkpoint (.ckpt); default: the newest last.ckpt under lightning_logs/")
+    arg("--ckpt", help="training checkpoint (.ckpt) or pipeline folder (save_pretrained, --export); default: the "
+                       "newest last.ckpt under lightning_logs/")
+    arg("--export", metavar="DIR", help="write the model and the chosen sampler as a pipeline folder "
+                                        "(JSON + safetensors, loadable with ImagePipeline.from_pretrained) and exit")
     arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
     arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
     arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
@@ -97,7 +100,7 @@ def checkpoint_path(given: str | None) -> Path:
     return newest
 
 
-def writable_folder(path: str) -> Path:
+def writable_folder(path: str, flag: str = "--outdir") -> Path:
     """Create `path` and prove a file can be written there, before any sampling work."""
     folder = Path(path)
     try:
@@ -106,15 +109,8 @@ def writable_folder(path: str) -> Path:
             pass
     except OSError as error:
         reason = error.strerror or error
-        raise ConfigError(f"--outdir: cannot write to '{folder}' ({reason}); choose another folder") from None
+        raise ConfigError(f"{flag}: cannot write to '{folder}' ({reason}); choose another folder") from None
     return folder
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write through a temporary name and rename, so no half-written file ever carries the final name."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -147,11 +143,21 @@ def main() -> None:
             raise ConfigError("--batch-size and --devices must be at least 1")
         config = sampler_config(args)
         ckpt = checkpoint_path(args.ckpt)
-        outdir = writable_folder(args.outdir)
-        checkpoint = read_checkpoint(ckpt)
-        denoiser = denoiser_from(checkpoint, ckpt)
+        if ckpt.is_dir():
+            if args.fid:
+                raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
+                                  "checkpoint (.ckpt) instead")
+            denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
+        else:
+            checkpoint = read_checkpoint(ckpt)
+            denoiser = denoiser_from(checkpoint, ckpt)
         if config.sampler != "ddim":
             config.sigma_range(denoiser)
+        if args.export:
+            folder = config.pipeline(denoiser).save_pretrained(writable_folder(args.export, "--export"))
+            print(f"Exported {ckpt} with {config.sampler} to {folder}/")
+            return
+        outdir = writable_folder(args.outdir)
         quality = quality_setup(checkpoint, ckpt, args) if args.fid else None
         del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
         standard = quality is not None and quality[0].dataset_name == "cifar10"

@@ -6,8 +6,11 @@ tuples with `return_dict=False`); `vediff.samplers` holds the same algorithms as
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from dataclasses import astuple, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,7 +26,7 @@ from vediff.schedules import (
     score_sde_ve_sigmas,
     ve_sigmas,
 )
-from vediff.utils import append_dims
+from vediff.utils import ConfigError, append_dims, write_atomically
 
 
 class Output:
@@ -64,12 +67,47 @@ class DDIMSchedulerOutput(Output):
 
 
 class Scheduler:
-    """Keeps the constructor arguments as `config`."""
+    """Keeps the constructor arguments as `config`; `save_config`/`from_config` write and read them as JSON."""
 
     config: dict[str, Any]
+    config_name = "scheduler_config.json"
 
     def _store_config(self, **config: Any) -> None:
         self.config = dict(config)
+
+    def save_config(self, save_directory: str | Path) -> Path:
+        """Write `<save_directory>/scheduler_config.json`: the class name and the constructor arguments."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.config_name
+        text = json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2, sort_keys=True) + "\n"
+        write_atomically(path, lambda p: p.write_text(text))
+        return path
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> Scheduler:
+        """A scheduler from a config dict, a scheduler_config.json, or the folder holding one; `overrides` win.
+
+        Called on `Scheduler` itself, the class is the one the config names.
+        """
+        if not isinstance(config, dict):
+            path = Path(config)
+            path = path / cls.config_name if path.is_dir() else path
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read scheduler config '{path}' ({error})") from None
+        config = {**config, **overrides}
+        name = config.get("_class_name", cls.__name__)
+        target = cls if cls is not Scheduler else SCHEDULERS.get(name)
+        if target is None or name != target.__name__:
+            raise ConfigError(f"the scheduler config is for {name}, not {cls.__name__}; load it with {name} or pass "
+                              "a config of this scheduler")
+        accepted = set(inspect.signature(target.__init__).parameters) - {"self"}
+        unknown = {k for k in config if not k.startswith("_")} - accepted
+        if unknown:
+            raise ConfigError(f"{name}: unknown config keys {sorted(unknown)}; accepted: {sorted(accepted)}")
+        return target(**{k: v for k, v in config.items() if k in accepted})
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """These schedulers need no input scaling; kept for interchangeability with those that do."""
@@ -436,3 +474,8 @@ class DDIMScheduler(Scheduler):
 
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.__name__: cls for cls in (KarrasVeScheduler, ScoreSdeVeScheduler, DDIMScheduler)
+}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +28,18 @@ def fail(message: str, status: int = 2) -> NoReturn:
     """End a command-line program over a user mistake (or a clean stop): one line on stderr, no traceback."""
     sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {one_line(message)}\n")
     sys.exit(status)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(temporary)` on a file beside `path`, then rename it to `path`: `path` is never half-written."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 # k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
