@@ -85,11 +85,12 @@ def ddim_unet_output(alphas_cumprod):
 
 def reference_pipelines(net):
     import diffusers
+    from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler  # top level: a dummy
 
     ddim_scheduler = diffusers.DDIMScheduler()
     return [
         diffusers.KarrasVePipeline(unet=_Adapter(net, karras_unet_output),
-                                   scheduler=diffusers.KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0)),
+                                   scheduler=KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0)),
         diffusers.ScoreSdeVePipeline(unet=_Adapter(net, score_unet_output),
                                      scheduler=diffusers.ScoreSdeVeScheduler(sigma_min=0.002, sigma_max=80.0)),
         diffusers.DDIMPipeline(unet=_Adapter(net, ddim_unet_output(ddim_scheduler.alphas_cumprod)),

@@ -6,6 +6,7 @@ import pickle
 import lightning as L
 import pytest
 import torch
+from conftest import Trap
 from torch.utils.data import DataLoader
 
 from vediff import (
@@ -131,15 +132,6 @@ def test_a_folder_of_another_pipeline_type_is_one_clear_error(denoiser, tmp_path
     with pytest.raises(ConfigError, match="holds a KarrasVePipeline pipeline, not a DDIMPipeline"):
         DDIMPipeline.from_pretrained(tmp_path)
 
-
-class Trap:
-    """Would create a file when unpickled, if anything unpickled it."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def test_a_pickle_where_the_weights_belong_is_refused_without_running_it(denoiser, tmp_path):

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIGITS, run_script
+from conftest import TINY_DIGITS, Trap, run_script
 from PIL import Image
 
 SEEDS = list(range(6))
@@ -70,15 +70,6 @@ def test_without_ckpt_the_newest_run_is_used(checkpoint, tmp_path):
     assert "lightning_logs/digits/version_0/checkpoints/last.ckpt" in result.stdout
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
-
-class Trap:
-    """A pickle that would create a file when loaded, if loading executed code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def bad_checkpoints(tmp_path, checkpoint):
