@@ -29,6 +29,8 @@ from vediff.sampling import SamplerConfig, batches
 # Each curve: a label, the sampler settings, and the step counts it is measured at.
 CURVES = [
     ("Karras Heun, deterministic", dict(sampler="karras_ve"), [2, 3, 5, 9, 18]),
+    # σ = 10 already drowns 8×8 digits in [-1, 1]: with few steps, time spent above it is wasted.
+    ("Karras Heun, deterministic, σ_max 10", dict(sampler="karras_ve", sigma_max=10.0), [2, 3, 5, 9, 18]),
     ("Karras Heun, stochastic (S_churn 40)", dict(sampler="karras_ve", s_churn=40.0, s_min=0.05, s_max=50.0,
                                                   s_noise=1.003), [2, 3, 5, 9, 18]),
     ("Score-SDE predictor–corrector", dict(sampler="score_sde_ve"), [2, 5, 10, 25, 50]),
@@ -127,8 +129,10 @@ def main() -> None:
     grid_seeds = list(range(10))
     rows_of_images = [sample(SamplerConfig(**settings), denoiser, grid_seeds, len(grid_seeds))
                       for _, settings in GRID_ROWS]
-    save_image(make_grid(torch.cat(rows_of_images).float(), nrow=len(grid_seeds), padding=1),
-               args.outdir / "sampler_grid.png")
+    grid = make_grid(torch.cat(rows_of_images).float(), nrow=len(grid_seeds), padding=1)
+    # Nearest-neighbour upscaling so that 8×8 digits are readable on a web page; no pixel is invented.
+    zoom = max(1, 64 // data.image_size)
+    save_image(grid.repeat_interleave(zoom, dim=-1).repeat_interleave(zoom, dim=-2), args.outdir / "sampler_grid.png")
     body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} images per row, checkpoint "
             f"`{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt}`:\n\n"
             + table(["sampler", "steps", "evaluations", "pixel FID", "seconds"], rows))
