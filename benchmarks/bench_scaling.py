@@ -28,6 +28,7 @@ net = EDMPrecond(UNet2D(sample_size=size, in_channels=1, model_channels=32, chan
                         attn_resolutions=[size // 2], dropout=0.0)).to(device)
 optimizer, loss_fn = torch.optim.Adam(net.parameters()), EDMLoss()
 x = torch.randn(batch, 1, size, size, device=device)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if device != "cuda" else 0
 def step():
     loss_fn(net, x).mean().backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 step(); step()
@@ -38,11 +39,12 @@ for _ in range(3):
     times.append(time.perf_counter() - start)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss
-print(json.dumps({{"seconds": sorted(times)[1], "peak_mib": peak / 2**20}}))
+print(json.dumps({{"seconds": sorted(times)[1], "peak_mib": peak / 2**20, "before_mib": before / 2**20}}))
 """
 
 SAMPLE_WORKER = r"""
 import json, resource, runpy, sys
+sys.path.insert(0, {repo!r})  # as `python sample.py` would, installed or not
 sys.argv = ["sample.py", *{args!r}]
 try:
     runpy.run_path({script!r}, run_name="__main__")
@@ -52,7 +54,9 @@ finally:
 
 
 def run_worker(code: str, cwd: Path | None = None) -> dict:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=cwd)
+    if result.returncode:
+        sys.exit(f"bench_scaling.py: a worker failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
     return json.loads((result.stdout + result.stderr).strip().splitlines()[-1])
 
 
@@ -64,7 +68,8 @@ def main() -> None:
     for batch, size in [(16, 8), (64, 8), (256, 8), (64, 16), (64, 32)]:
         measured = run_worker(WORKER.format(repo=str(REPO), batch=batch, size=size, device=args.device))
         rows.append([batch, f"{size}×{size}", f"{measured['seconds'] * 1e3:.0f}",
-                     f"{batch / measured['seconds']:.0f}", f"{measured['peak_mib']:.0f}"])
+                     f"{batch / measured['seconds']:.0f}", f"{measured['before_mib']:.0f}",
+                     f"{measured['peak_mib']:.0f}"])
 
     sample_rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -75,15 +80,16 @@ def main() -> None:
         del train
         for count in (64, 640):
             measured = run_worker(SAMPLE_WORKER.format(
-                script=str(REPO / "sample.py"),
+                repo=str(REPO), script=str(REPO / "sample.py"),
                 args=["--sampler", "ddim", "--steps", "10", "--seeds", f"0-{count - 1}", "--batch-size", "64",
                       "--outdir", f"out{count}", "--device", args.device]), cwd=folder)
             sample_rows.append([count, 64, f"{measured['peak_mib']:.0f}"])
     what = "peak GPU memory allocated" if args.device == "cuda" else "peak resident memory of the process"
     body = (
         "**Training step** (forward + backward + Adam) of the digits-width UNet, in a fresh process per row; memory "
-        f"is the {what}, so on a CPU it includes Python, torch and the model (about 300–400 MiB before any batch).\n\n"
-        + table(["batch", "image", "ms per step", "images/s", "peak memory (MiB)"], rows)
+        f"is the {what}; on a CPU it includes Python, torch and the model, so the memory before the first step is "
+        "given beside it.\n\n"
+        + table(["batch", "image", "ms per step", "images/s", "memory before (MiB)", "peak memory (MiB)"], rows)
         + "\n\n**sample.py** with the digits model (DDIM, 10 steps, batches of 64), peak resident memory:\n\n"
         + table(["images", "batch", "peak memory (MiB)"], sample_rows)
     )
