@@ -3,20 +3,24 @@
 Configuration (CIFAR-shaped, narrowed for CPU): 32×32×3 input, base width 64, widths ×(1, 2, 2), two residual blocks
 per level, self-attention at 16×16, noise-level embedding; batch 32. Peers: diffusers' `UNet2DModel` and lucidrains'
 `denoising_diffusion_pytorch.Unet` (skipped if not installed: `pip install denoising-diffusion-pytorch`). Parameter
-counts differ a little because the block designs differ; they are listed. Fast paths of our network: channels_last,
+counts and work differ because the block designs differ: DDPM++ (ours, as in EDM) changes resolution with a
+residual block, where the peers use one convolution, so it does more convolution per image. The table therefore gives
+FLOPs and GFLOP/s beside images/s. Fast paths of our network: channels_last,
 bf16 autocast, and `torch.compile` (with --compile; compiling takes minutes on a CPU).
 
-    python benchmarks/bench_network.py [--batch-size 32] [--device cpu] [--compile]
+    python benchmarks/bench_network.py [--batch-size 32] [--device cpu] [--rounds 5] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Callable
 
 import torch
 from common import median_seconds, table, write_section
 from models import CIFAR_SHAPED, parameters
+from torch.utils.flop_counter import FlopCounterMode
 
 from vediff import UNet2D
 
@@ -44,8 +48,9 @@ def lucidrains_unet() -> tuple[torch.nn.Module, callable]:
     return net, net
 
 
-def train_step_seconds(net, call, batch: int, device: str, repeat: int, autocast: torch.dtype | None = None,
-                       channels_last: bool = False, warmup: int = 2) -> float:
+def train_step(net, call, batch: int, device: str, autocast: torch.dtype | None = None,
+               channels_last: bool = False) -> Callable[[], None]:
+    """One forward + backward of `net` on a fixed random batch, as a function to time."""
     net = net.to(device).train()
     x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
@@ -54,60 +59,89 @@ def train_step_seconds(net, call, batch: int, device: str, repeat: int, autocast
     t = torch.rand(batch, device=device) * 100
     context = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
 
-    def step():
+    def step() -> None:
         net.zero_grad(set_to_none=True)
         with context:
             out = call(x, t)
         out.float().square().mean().backward()
 
-    return median_seconds(step, repeat=repeat, warmup=warmup)
+    return step
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """Floating-point operations of one step (forward and backward), counted by PyTorch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Fastest of `rounds` timings of each step, taken in turn, so that a slow spell of a shared machine hits all."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    timings = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            timings[name].append(median_seconds(step, repeat=1, warmup=0))
+    return {name: min(times) for name, times in timings.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timings of each network, taken in turn")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     peers = [("vediff UNet2D", ours), ("diffusers UNet2DModel", diffusers_unet),
              ("lucidrains Unet", lucidrains_unet)]
-    results = {}
+    steps, params, flops = {}, {}, {}
     for name, build in peers:
         try:
             net, call = build()
         except ImportError:
             print(f"{name}: not installed, skipped")
             continue
-        seconds = train_step_seconds(net, call, args.batch_size, args.device, args.repeat)
-        results[name] = (parameters(net), seconds)
-    fastest_peer = min(s for name, (_, s) in results.items() if name != "vediff UNet2D")
-    rows = [[name, params, f"{seconds * 1e3:.0f}", f"{args.batch_size / seconds:.0f}",
-             f"**{fastest_peer / seconds:.2f}×**" if name == "vediff UNet2D" else f"{fastest_peer / seconds:.2f}×"]
-            for name, (params, seconds) in results.items()]
+        steps[name], params[name] = train_step(net, call, args.batch_size, args.device), parameters(net)
+        flops[name] = step_flops(steps[name])
+    seconds = interleaved_seconds(steps, args.rounds)
+    fastest = min(s for name, s in seconds.items() if name != "vediff UNet2D")
+    best_rate = max(flops[name] / s for name, s in seconds.items() if name != "vediff UNet2D")
 
+    def bold_if_ours(name: str, text: str) -> str:
+        return f"**{text}**" if name == "vediff UNet2D" else text
+
+    rows = [[name, params[name], f"{flops[name] / args.batch_size / 1e9:.2f}", f"{s * 1e3:.0f}",
+             f"{args.batch_size / s:.1f}", bold_if_ours(name, f"{fastest / s:.2f}×"), f"{flops[name] / s / 1e9:.1f}",
+             bold_if_ours(name, f"{flops[name] / s / best_rate:.2f}×")] for name, s in seconds.items()]
+
+    variants = {"eager, float32": {}, "channels_last": {"channels_last": True}}
+    fast = interleaved_seconds({label: train_step(*ours(), args.batch_size, args.device, **options)
+                                for label, options in variants.items()}, args.rounds)
     # bf16 on a CPU without bf16 units is emulated and some 20× slower: timed once there, to say so.
-    slow_bf16 = {"repeat": 1, "warmup": 1} if args.device == "cpu" else {}
-    variants = [("eager, float32", {}), ("channels_last", {"channels_last": True}),
-                ("bf16 autocast", {"autocast": torch.bfloat16, **slow_bf16})]
-    fast_rows, base = [], None
-    for label, options in variants:
-        net, call = ours()
-        seconds = train_step_seconds(net, call, args.batch_size, args.device, **{"repeat": args.repeat, **options})
-        base = base or seconds
-        fast_rows.append([label, f"{seconds * 1e3:.0f}", f"{args.batch_size / seconds:.0f}", f"{base / seconds:.2f}×"])
+    bf16_rounds = 1 if args.device == "cpu" else args.rounds
+    bf16_step = train_step(*ours(), args.batch_size, args.device, autocast=torch.bfloat16)
+    fast["bf16 autocast"] = interleaved_seconds({"bf16": bf16_step}, bf16_rounds, warmup=1)["bf16"]
     if args.compile:
         net, _ = ours()
         net.compile()  # in place: the state_dict keys stay those of the eager module
-        seconds = train_step_seconds(net, net, args.batch_size, args.device, args.repeat)
-        fast_rows.append(["torch.compile", f"{seconds * 1e3:.0f}", f"{args.batch_size / seconds:.0f}",
-                          f"{base / seconds:.2f}×"])
+        fast["torch.compile"] = interleaved_seconds({"compiled": train_step(net, net, args.batch_size, args.device)},
+                                                    args.rounds)["compiled"]
+    base = fast["eager, float32"]
+    fast_rows = [[label, f"{s * 1e3:.0f}", f"{args.batch_size / s:.1f}", f"{base / s:.2f}×"]
+                 for label, s in fast.items()]
     body = (
-        f"Forward + backward of one batch of {args.batch_size}, median of {args.repeat} after 2 warm-ups. Relative = "
-        "the fastest peer's time / this one's (above 1: faster than the fastest peer).\n\n"
-        + table(["network", "params", "ms per step", "images/s", "relative"], rows)
-        + "\n\n**Fast paths of UNet2D** (same step, relative to eager float32):\n\n"
+        f"Forward + backward of one batch of {args.batch_size} (float32), the fastest of {args.rounds} timings per "
+        "network taken in turn after 2 warm-ups. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` "
+        "(forward and backward; convolutions, matmuls and attention). Speed = the fastest peer's time / this one's "
+        "(images/s; above 1: faster). Efficiency = this one's GFLOP/s / the best peer's: how well the implementation "
+        "runs the work its architecture asks for.\n\n"
+        + table(["network", "params", "GFLOPs per image", "ms per step", "images/s", "speed", "GFLOP/s",
+                 "efficiency"], rows)
+        + f"\n\n**Fast paths of UNet2D** (same step; eager and channels_last taken in turn, bf16 "
+        f"{'once' if bf16_rounds == 1 else f'{bf16_rounds} times'}; speed-up relative to eager float32):\n\n"
         + table(["variant", "ms per step", "images/s", "speed-up"], fast_rows)
     )
     write_section("network", "Network: UNet2D against peer UNets, and its fast paths", body)
