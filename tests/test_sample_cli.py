@@ -162,7 +162,10 @@ def test_the_sampler_guide_script_draws_its_figures(checkpoint, tmp_path):
     plot = Image.open(tmp_path / "docs" / "sampler_tradeoff.png")
     grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
     assert plot.size[0] > 400 and plot.size[1] > 300
-    assert grid.size == (10 * 9 + 1, 5 * 9 + 1)  # 10 seeds × 5 sampler settings of 8×8 images, padding 1
+    # 10 seeds × 5 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
+    assert grid.size == (8 * (10 * 9 + 1), 8 * (5 * 9 + 1))
+    pixels = np.asarray(grid)
+    assert np.array_equal(pixels, pixels[::8, ::8].repeat(8, axis=0).repeat(8, axis=1))
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "evaluations" not in line]
-    assert len(rows) == 5  # one point per curve at 2 steps
+    assert len(rows) == 6  # one point per curve at 2 steps
     assert {row.split("|")[3].strip() for row in rows} == {"3", "4", "2"}  # Heun 2·2−1, PC 2·2, DDIM 2
