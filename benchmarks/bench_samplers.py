@@ -1,4 +1,4 @@
-"""Sampler overhead and sampling throughput against the reference library's pipelines.
+"""Sampler overhead and sampling throughput against diffusers' pipelines.
 
 1. Overhead: wall time of a pipeline call / (network evaluations × one bare denoiser forward at the same batch).
    1.0 is the physical limit: everything but the network is free.
@@ -25,6 +25,7 @@ from vediff import (
     KarrasVeScheduler,
     ScoreSdeVePipeline,
     ScoreSdeVeScheduler,
+    append_dims,
 )
 
 # (label, pipeline class, scheduler, steps, network evaluations). Few steps keep CPU runs short; the overhead is
@@ -70,7 +71,7 @@ def karras_unet_output(denoiser, u, s):
 def score_unet_output(denoiser, x, sigma):
     # diffusers' ScoreSdeVePipeline takes the network output as the score (D − x)/σ².
     sigma = sigma.to(x.device).float()
-    return (denoiser(x, sigma) - x) / sigma[:, None, None, None] ** 2
+    return (denoiser(x, sigma) - x) / append_dims(sigma, x.ndim) ** 2
 
 
 def ddim_unet_output(alphas_cumprod):

@@ -19,7 +19,7 @@ import time
 
 import lightning as L
 import torch
-from common import table, write_section
+from common import synchronize, table, write_section
 from models import DIGITS, parameters
 
 from vediff import EDMLoss, EDMPrecond, HalfLifeEMA, ImageDataModule, UNet2D, VEDiffusion
@@ -76,8 +76,7 @@ def bare_step(steps: int, device: str) -> float:
         loss.backward()
         optimizer.step()
         loss.item() if step % 10 == 0 else None  # as often as Lightning logs
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         ends.append(time.perf_counter())
     return per_step(ends)
 

@@ -106,7 +106,7 @@ def test_hugging_face_imagefolder(tmp_path, monkeypatch):
     values = write_pngs(tmp_path / "images" / "train", count=6)
     module = ImageDataModule(
         dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"), image_column="image",
-        root=str(tmp_path / "cache"), image_size=8, val_size=2, batch_size=4,
+        hf_cache_dir=str(tmp_path / "cache"), image_size=8, val_size=2, batch_size=4,
     )
     module.prepare_data()
     module.setup("fit")
@@ -120,7 +120,7 @@ def test_hugging_face_wrong_column_names_the_columns(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     write_pngs(tmp_path / "images" / "train", count=3)
     module = ImageDataModule(dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"),
-                             image_column="img", root=str(tmp_path / "cache"), val_size=1)
+                             image_column="img", hf_cache_dir=str(tmp_path / "cache"), val_size=1)
     with pytest.raises(ConfigError, match=r"image_column.*columns: image"):
         module.prepare_data()
 
@@ -216,3 +216,104 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted[5:], resumed, strict=True))
     first_epoch = torch.cat(uninterrupted[:5] + resumed[:12])
     assert torch.unique(first_epoch, dim=0).shape[0] == 1700  # every training image exactly once
+
+
+# --- Every image mode reaches the model with its values -------------------------------------------------------------
+
+def grey(mode: str, value: float) -> Image.Image:
+    """A 4×4 image of one grey level `value` in [0, 1], stored in `mode`'s own sample format."""
+    if mode in ("I;16", "I"):
+        return Image.fromarray(np.full((4, 4), round(value * 65535), np.uint16 if mode == "I;16" else np.int32))
+    if mode == "F":
+        return Image.fromarray(np.full((4, 4), value, np.float32))
+    level = round(value * 255)
+    if mode == "1":
+        return Image.new("1", (4, 4), int(value >= 0.5))
+    if mode == "P":
+        image = Image.new("P", (4, 4), 1)
+        image.putpalette([0, 0, 0, level, level, level] + [0] * 762)
+        return image
+    if mode == "CMYK":  # grey as key (black) ink only
+        return Image.new("CMYK", (4, 4), (0, 0, 0, 255 - level))
+    return Image.new(mode, (4, 4), (level,) * len(mode) if len(mode) > 1 else level)
+
+
+MODES = {  # mode: (file format it is stored in, grey level, expected value in [0, 1])
+    "1": ("PNG", 1.0, 1.0),
+    "L": ("PNG", 0.25, 64 / 255),
+    "P": ("PNG", 0.25, 64 / 255),
+    "RGB": ("PNG", 0.25, 64 / 255),
+    "CMYK": ("TIFF", 0.25, 64 / 255),
+    "I;16": ("PNG", 0.25, 16384 / 65535),
+    "I": ("TIFF", 0.25, 16384 / 65535),
+    "F": ("TIFF", 0.25, 0.25),
+}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_keeps_its_values(tmp_path, mode, channels):
+    file_format, level, expected = MODES[mode]
+    for i in range(3):
+        grey(mode, level).save(tmp_path / f"{i}.{file_format.lower()}", format=file_format)
+    with Image.open(tmp_path / f"0.{file_format.lower()}") as reopened:
+        assert reopened.mode == mode, "the file must keep the mode under test"
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=4, channels=channels, val_size=1,
+                             batch_size=1)
+    module.prepare_data()
+    module.setup("fit")
+    images = all_images(module)
+    assert images.shape == (3, channels, 4, 4)
+    # A 16-bit 0.25 grey must train as 0.25, not saturate to white as convert("L") would make it.
+    torch.testing.assert_close(images, torch.full_like(images, expected * 2 - 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["LA", "PA", "RGBA"])
+def test_transparent_pixels_are_composited_over_white(tmp_path, mode):
+    # Left half: opaque 25 % grey; right half: fully transparent black. Over white: 64/255 and 1.
+    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    image.paste((64, 64, 64, 255), (0, 0, 2, 4))
+    image = image.convert(mode)
+    for i in range(2):
+        image.save(tmp_path / f"{i}.{'tiff' if mode == 'PA' else 'png'}")
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=4, channels=3, val_size=1, batch_size=1)
+    module.prepare_data()
+    module.setup("fit")
+    pixels = (all_images(module)[0] + 1) / 2
+    torch.testing.assert_close(pixels[:, :, :2], torch.full((3, 4, 2), 64 / 255), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pixels[:, :, 2:], torch.ones(3, 4, 2), rtol=0, atol=1e-6)
+
+
+def test_float_images_outside_zero_one_are_refused_by_name(tmp_path):
+    write_pngs(tmp_path, count=2)
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "hdr.tiff")
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
+    with pytest.raises(ConfigError, match=r"hdr\.tiff.*F image with values outside 0…1"):
+        module.prepare_data()
+
+
+def test_truncated_jpeg_is_reported_before_training(tmp_path):
+    write_pngs(tmp_path, count=2)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cut.jpg")
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as image:
+        image.verify()  # the header check alone lets it through
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
+    with pytest.raises(ConfigError, match=r"cut\.jpg.*truncated"):
+        module.prepare_data()
+
+
+def test_source_name_tells_hugging_face_folders_and_splits_apart(tmp_path):
+    def name(**kwargs):
+        return ImageDataModule(dataset="huggingface", hf_name="imagefolder", **kwargs).source_name
+
+    first = name(hf_data_dir=str(tmp_path / "a"))
+    assert first == name(hf_data_dir=str(tmp_path / "a"))
+    assert first.startswith("huggingface-imagefolder-")
+    others = {name(hf_data_dir=str(tmp_path / "b")), name(hf_data_dir=str(tmp_path / "a"), hf_split="test"),
+              name(hf_data_dir=str(tmp_path / "a"), hf_revision="v2")}
+    assert len(others) == 3 and first not in others
+    folders = {ImageDataModule(dataset="folder", root=str(tmp_path / d)).source_name for d in "ab"}
+    assert len(folders) == 2
+    assert ImageDataModule(dataset="digits").source_name == "digits"

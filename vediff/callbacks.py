@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torchvision.utils import make_grid
+from torchvision.utils import save_image
 
 from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
-from vediff.sampling import SamplerConfig, batches
-from vediff.utils import ConfigError
+from vediff.sampling import SamplerConfig, batches, image_grid
+from vediff.utils import ConfigError, write_atomically
 
 
 # EDM training/training_loop.py: ema_halflife_kimg = 500, ema_rampup_ratio = 0.05.
@@ -28,12 +28,13 @@ def ema_decay(images_per_update: int, images_seen: int, half_life_kimg: float, r
     return 0.5 ** (images_per_update / max(half_life, 1e-8))
 
 
-class HalfLifeEMA(EMAWeightAveraging):
-    """Lightning's EMAWeightAveraging with EDM's decay: a half-life in images, ramped up early in training.
+class HalfLifeEMA(WeightAveraging):
+    """Lightning's WeightAveraging as an EMA with EDM's decay: a half-life in images, ramped up early in training.
 
-    Validation runs on the averaged weights and checkpoints store them as `state_dict` (the raw weights stay in the
-    checkpoint for resuming), so `VEDiffusion.load_from_checkpoint` returns the EMA model. The module must expose
-    `images_per_step` and `images_seen`, as VEDiffusion does.
+    Built on WeightAveraging's public extension points only: `multi_avg_fn` (the update) and `should_update` (when,
+    and with which decay). Validation runs on the averaged weights and checkpoints store them as `state_dict` (the raw
+    weights stay in the checkpoint for resuming), so `VEDiffusion.load_from_checkpoint` returns the EMA model. The
+    module must expose `images_per_step` and `images_seen`, as VEDiffusion does.
 
     Args:
         half_life_kimg: Half-life of the average, in thousands of images (EDM: 500).
@@ -56,17 +57,33 @@ class HalfLifeEMA(EMAWeightAveraging):
             raise ConfigError(f"ema.rampup_ratio: {rampup_ratio} must be positive or null")
         if update_every_n_steps < 1:
             raise ConfigError(f"ema.update_every_n_steps: {update_every_n_steps} must be at least 1")
-        super().__init__(device=device, update_every_n_steps=update_every_n_steps, multi_avg_fn=self._lerp)
-        # EMAWeightAveraging installs a fixed-decay avg_fn; ours replaces it (AveragedModel accepts only one).
-        self._kwargs.pop("avg_fn")
+        super().__init__(device=device, multi_avg_fn=self._lerp)
         self.half_life_kimg = half_life_kimg
         self.rampup_ratio = rampup_ratio
+        self.update_every_n_steps = update_every_n_steps
         self.decay = 0.0
+        self.updated_at_step = 0  # optimizer steps taken when the average was last updated
+        self.module: L.LightningModule | None = None
         self.swapped = False  # the averaged weights are in the module (during validation)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.module = pl_module
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        # Called after each optimizer step with its zero-based index; the decay of the update it allows is set here.
+        if step_idx is None or step_idx % self.update_every_n_steps or self.module is None:
+            return False
+        steps = step_idx + 1
+        images_since_update = (steps - self.updated_at_step) * self.module.images_per_step
+        self.decay = ema_decay(images_since_update, self.module.images_seen, self.half_life_kimg, self.rampup_ratio)
+        self.updated_at_step = steps
+        return True
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
-        self.swapped = self._average_model is not None
+        self.swapped = self.module is not None  # WeightAveraging swaps once it holds an average (fit only)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_end(trainer, pl_module)
@@ -75,15 +92,14 @@ class HalfLifeEMA(EMAWeightAveraging):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # A stop during validation: put the raw weights back before ModelCheckpoint (always called last) saves.
         if self.swapped:
-            self._swap_models(pl_module)
-            self.swapped = False
+            self.on_validation_epoch_end(trainer, pl_module)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        images_since_update = (trainer.global_step - self._latest_update_step) * pl_module.images_per_step
-        self.decay = ema_decay(images_since_update, pl_module.images_seen, self.half_life_kimg, self.rampup_ratio)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "updated_at_step": self.updated_at_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.updated_at_step = state_dict.get("updated_at_step", state_dict["latest_update_step"])
 
     def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         # averaged ← β·averaged + (1 − β)·current, fused over all tensors of one device and dtype.
@@ -98,8 +114,13 @@ class ResumableCheckpoint(ModelCheckpoint):
     time limit) once the running step is done, and on Ctrl+C. Other exceptions save nothing.
 
     With `save_on_exception` set, the stop writes the same file as the regular saves (vediff's configs: `last.ckpt`),
-    so `--ckpt_path last` resumes from it. Lightning itself notices SIGTERM after every step only when several
-    processes run; with one it would wait for the end of the epoch, so this callback checks after every step too.
+    so `--ckpt_path last` resumes from it. Lightning 2.6 raises its SIGTERMException at the end of a step too, but
+    only after the validation (with sample grids and FID) that the step may trigger; this callback raises it at the
+    end of the training batch, so a preempted job saves at once instead of validating first. Under DDP that check is
+    Lightning's own, which agrees across processes.
+
+    `on_train_epoch_end` calls ModelCheckpoint's `_save_checkpoint` and `_monitor_candidates`, private in Lightning
+    2.6, whose signatures it mirrors; pyproject.toml bounds lightning below 2.7 for them.
     """
 
     def on_train_batch_end(
@@ -126,11 +147,13 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 class SampleGrids(Callback):
-    """Every N validations, one grid per sampler from fixed seeds into TensorBoard (`samples/<name>`), with the
-    network evaluations per image and the seconds taken as scalars (`samples_nfe/<name>`, `samples_seconds/<name>`).
+    """Every N validations, one grid per sampler from fixed seeds: a PNG in the run folder
+    (`<log_dir>/samples/<name>/step_<step>.png`), the same grid in every logger that takes images (TensorBoard's
+    Images tab as `samples/<name>`, Weights & Biases, MLflow), and the network evaluations per image and the seconds
+    taken as metrics (`samples_nfe/<name>`, `samples_seconds/<name>`).
 
-    Sampling happens inside the validation loop, where EMAWeightAveraging has swapped the averaged weights in, on
-    rank zero only (the other ranks go on and meet it at the next collective). Image i of a grid is the image
+    Sampling happens inside the validation loop, where the EMA callback has swapped the averaged weights in, on rank
+    zero only (the other ranks go on and meet it at the next collective). Image i of a grid is the image
     `sample.py --seeds` draws for seed `seed + i`, so grids compare from epoch to epoch and with sample.py.
 
     Args:
@@ -138,6 +161,8 @@ class SampleGrids(Callback):
         every_n_val_epochs: Draw at every this many validation runs.
         num_images: Images per grid.
         seed: Seed of the first image.
+        min_size: Small images are enlarged by a whole nearest-neighbour factor until the grid is this many pixels
+            wide, so 8×8 digits stay readable; 0 keeps the native size.
     """
 
     def __init__(
@@ -146,6 +171,7 @@ class SampleGrids(Callback):
         every_n_val_epochs: int = 1,
         num_images: int = 64,
         seed: int = 0,
+        min_size: int = 512,
     ) -> None:
         samplers = [SamplerConfig()] if samplers is None else samplers
         labels = [config.label for config in samplers]
@@ -153,11 +179,19 @@ class SampleGrids(Callback):
             raise ConfigError(f"sample_grids.samplers: names {labels} repeat; give each a distinct `name`")
         if every_n_val_epochs < 1 or num_images < 1:
             raise ConfigError("sample_grids: every_n_val_epochs and num_images must be at least 1")
+        if min_size < 0:
+            raise ConfigError(f"sample_grids.min_size: {min_size} must be 0 (native size) or more")
         self.samplers = samplers
         self.every_n_val_epochs = every_n_val_epochs
         self.num_images = num_images
         self.seed = seed
+        self.min_size = min_size
         self.validations = 0
+        self.folder: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a collective (a broadcast from rank zero): asked here, on every rank, not in `draw`.
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -170,27 +204,39 @@ class SampleGrids(Callback):
             self.draw(trainer, pl_module.denoiser)
 
     def draw(self, trainer: L.Trainer, denoiser: torch.nn.Module) -> None:
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None:
-            rank_zero_warn("SampleGrids draws into TensorBoard; add a TensorBoardLogger to see the grids")
-            return
         seeds = range(self.seed, self.seed + self.num_images)
+        step = trainer.global_step
         for config in self.samplers:
             start = time.perf_counter()
             with trainer.precision_plugin.forward_context():
                 images = config.generate(config.pipeline(denoiser), seeds)
             images = images.float().cpu()  # waits for the device, so the time below is the sampling time
             seconds = time.perf_counter() - start
-            grid = make_grid(images, nrow=math.ceil(math.sqrt(self.num_images)), padding=1)
-            logger.experiment.add_image(f"samples/{config.label}", grid, trainer.global_step)
-            logger.log_metrics({f"samples_nfe/{config.label}": config.nfe,
-                                f"samples_seconds/{config.label}": seconds}, step=trainer.global_step)
+            grid = image_grid(images, min_size=self.min_size)
+            path = self.folder / config.label / f"step_{step:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, lambda p, grid=grid: save_image(grid, p, format="PNG"))
+            for logger in trainer.loggers:
+                log_image(logger, f"samples/{config.label}", grid, step)
+                logger.log_metrics({f"samples_nfe/{config.label}": config.nfe,
+                                    f"samples_seconds/{config.label}": seconds}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = state_dict["validations"]
+
+
+def log_image(logger: Logger, tag: str, grid: torch.Tensor, step: int) -> None:
+    """Send a grid (C, H, W) in [0, 1] to a logger's own image logging, where it has one (CSV has none)."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(tag, grid, step)
+    elif isinstance(logger, WandbLogger):
+        logger.log_image(key=tag, images=[grid], step=step)
+    elif isinstance(logger, MLFlowLogger):
+        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        logger.experiment.log_image(logger.run_id, pixels, artifact_file=f"{tag}/step_{step:08d}.png")
 
 
 class SampleQuality(Callback):

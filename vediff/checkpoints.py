@@ -26,6 +26,10 @@ class NonFiniteWeightsError(RuntimeError):
     """Training produced NaN or infinite weights; the checkpoint that would hold them is not written."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the previous file under that name is untouched."""
+
+
 # Lightning's TorchCheckpointIO stages files in the system temp folder and moves them, which is a plain copy (and not
 # atomic) when that folder is on another file system; this one stages beside the target instead.
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,11 +49,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, target)  # atomic on POSIX and Windows: readers see the old file or the new one
+        file = None
+        try:
+            with open(partial, "wb") as raw:
+                file = _WriteErrorRecorder(raw)
+                torch.save(checkpoint, file)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, target)  # atomic on POSIX and Windows: readers see the old file or the new one
+        except (OSError, RuntimeError) as caught:
+            partial.unlink(missing_ok=True)
+            # torch's zip writer turns a failed write (ENOSPC, EDQUOT, EFBIG) into an opaque RuntimeError.
+            error = caught if isinstance(caught, OSError) else getattr(file, "error", None)
+            if error is None:
+                raise
+            kept = "the previous one there is kept" if target.exists() else "no earlier one exists"
+            raise CheckpointWriteError(
+                f"could not write checkpoint '{target}' at step {checkpoint.get('global_step')} "
+                f"({error.strerror or error}); {kept}; free space or choose another folder, then resume with "
+                "--ckpt_path last"
+            ) from None
+
+
+class _WriteErrorRecorder:
+    """A file wrapper that remembers the OSError of a failed write, which torch.save would otherwise hide."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def check_finite_weights(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -116,7 +152,7 @@ def denoiser_from(checkpoint: dict, path: str | Path) -> Precond:
 
 
 def check_same_shapes(checkpoint_shapes: dict[str, tuple[int, ...]], module: torch.nn.Module, path: str | Path,
-                      field: str = "ckpt_path") -> None:
+                      field: str = "ckpt_path", hint: str | None = None) -> None:
     """Raise a ConfigError naming the first weight whose shape differs between a checkpoint and `module`."""
     own = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     missing = sorted(own.keys() - checkpoint_shapes.keys())
@@ -128,8 +164,9 @@ def check_same_shapes(checkpoint_shapes: dict[str, tuple[int, ...]], module: tor
             detail = f"'{name}' is {list(checkpoint_shapes[name])} there and {list(own[name])} here"
         else:
             detail = f"weights {(missing or unexpected)[:2]} are only on one side"
-        raise ConfigError(f"{field}: '{path}' holds another architecture ({detail}); use the config it was trained "
-                          "with (config.yaml beside its checkpoints folder) or start a new run without --ckpt_path")
+        hint = hint or ("use the config it was trained with (config.yaml beside its checkpoints folder) or start a "
+                        "new run without --ckpt_path")
+        raise ConfigError(f"{field}: '{path}' holds another architecture ({detail}); {hint}")
 
 
 def newest_checkpoint(root: str | Path = "lightning_logs") -> Path | None:

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from vediff.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
-from vediff.checkpoints import NonFiniteWeightsError, check_same_shapes, read_checkpoint
+from vediff.checkpoints import CheckpointWriteError, NonFiniteWeightsError, check_same_shapes, read_checkpoint
 from vediff.data import ImageDataModule, resolve_channels
 from vediff.module import NonFiniteLossError, VEDiffusion
-from vediff.utils import ConfigError, fail
+from vediff.utils import ConfigError, check_writable, fail
 
 
 class OneLineParser(LightningArgumentParser):
@@ -59,15 +60,24 @@ class VediffCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        check_accelerator(config.trainer)
+        logger_args = getattr(config.trainer.get("logger"), "init_args", None)
+        root = config.trainer.get("default_root_dir")
+        if logger_args is not None and logger_args.get("save_dir"):
+            # A relative log folder lives under default_root_dir, as Lightning's own default logger does.
+            if root and not Path(logger_args.save_dir).is_absolute():
+                logger_args.save_dir = str(Path(root) / logger_args.save_dir)
+            check_writable(Path(logger_args.save_dir), "trainer.logger.init_args.save_dir")
+        if root:
+            check_writable(Path(root), "trainer.default_root_dir")
         if self.subcommand != "fit":
             return
-        logger_args = getattr(self.config.fit.trainer.get("logger"), "init_args", None)
-        if logger_args is not None and logger_args.get("save_dir"):
-            check_writable(Path(logger_args.save_dir), "trainer.logger.init_args.save_dir")
-        check_writable(Path(self.config.fit.data.root), "data.root")
-        if self.config.fit.get("ckpt_path") == "last":
-            self._resume_newest_run(self.config.fit)
+        check_writable(Path(config.data.root), "data.root")
+        if config.get("ckpt_path") == "last":
+            self._resume_newest_run(config)
 
+    # Overrides LightningCLI._parse_ckpt_path of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the model's hyperparameters from the checkpoint here; read it first, safely, so that a
         # missing, damaged or foreign file is a one-line error, and keep its shapes for the check in before_fit.
@@ -82,6 +92,7 @@ class VediffCLI(LightningCLI):
         if getattr(self, "resume_shapes", None) is not None:
             check_same_shapes(self.resume_shapes, self.model, self.config.fit.ckpt_path)
 
+    # Overrides LightningCLI._run_subcommand of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
     def _run_subcommand(self, subcommand: str) -> None:
         # Loggers create their folder before data and callbacks are set up; a mistake found there must not leave an
         # empty run behind (it would also become the run that `--ckpt_path last` resumes).
@@ -115,6 +126,17 @@ class VediffCLI(LightningCLI):
         self._parse_ckpt_path()
 
 
+def check_accelerator(trainer_config) -> None:
+    """A config that asks for GPUs on a machine without them: say so and how to run it here, before anything starts."""
+    accelerator = str(trainer_config.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator: this config asks for GPUs ('{accelerator}') and this machine has none; to run it "
+            "on the CPU add --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision "
+            "32-true (and a smaller model, e.g. --model.net.init_args.model_channels 32), or train digits.yaml"
+        )
+
+
 def first_missing(path: Path) -> Path | None:
     """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
     path = path.absolute()
@@ -123,16 +145,6 @@ def first_missing(path: Path) -> Path | None:
     while not path.parent.exists():
         path = path.parent
     return path
-
-
-def check_writable(folder: Path, field: str) -> None:
-    """Fail early, before anything is written, if `folder` cannot be created or written to."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field}: cannot write to '{folder}' ('{existing}' is not a writable folder); "
-                          "choose a folder you can write to")
 
 
 def resolve_config_paths(args: Sequence[str], config_dirs: Sequence[Path]) -> list[str]:
@@ -147,13 +159,27 @@ def resolve_config_paths(args: Sequence[str], config_dirs: Sequence[Path]) -> li
 
 
 def _find_config(name: str, config_dirs: Sequence[Path]) -> str:
-    if Path(name).is_file():
-        return name
-    for folder in config_dirs:
-        if (folder / name).is_file():
-            return str(folder / name)
+    for path in (Path(name), *(folder / name for folder in config_dirs)):
+        if path.is_file():
+            check_config_file(path)
+            return str(path)
     looked = ", ".join(str(d) for d in config_dirs)
     raise ConfigError(f"--config: file '{name}' not found (looked in ., {looked}); see configs/ for the shipped ones")
+
+
+def check_config_file(path: Path) -> None:
+    """An empty, unreadable or non-mapping YAML file is named here rather than reported by its contents alone."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config: cannot read '{path}' ({error})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"--config: '{path}' is not valid YAML{at} ({getattr(error, 'problem', error)})") from None
+    if not isinstance(content, dict) or not content:
+        what = "is empty" if content is None else f"holds a {type(content).__name__}, not a mapping of sections"
+        raise ConfigError(f"--config: '{path}' {what}; a config has trainer, model and data sections (see configs/)")
 
 
 def main(config_dirs: Sequence[Path] = ()) -> None:
@@ -175,7 +201,9 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
         )
     except ConfigError as error:
         fail(str(error))
-    except (NonFiniteLossError, NonFiniteWeightsError) as error:
+    except MisconfigurationException as error:  # Lightning's own refusal of a setting, e.g. more devices than exist
+        fail(f"trainer: {error}")
+    except (NonFiniteLossError, NonFiniteWeightsError, CheckpointWriteError) as error:
         fail(str(error), status=1)
     except SIGTERMException:
         fail("stopped by SIGTERM; the checkpoint of the last finished step is saved, resume with --ckpt_path last",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import urllib.error
 import warnings
 from pathlib import Path
@@ -25,21 +28,60 @@ def resolve_channels(dataset: str, channels: int | None) -> int:
     return channels if channels is not None else NATURAL_CHANNELS.get(dataset, 3)
 
 
+# Image modes whose samples are wider than 8 bits, with the value that maps to 1.0 (white).
+HIGH_DEPTH_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+GRAY_MODES = {"1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+class UnsupportedImage(ValueError):
+    """An image whose pixels cannot be turned into model values without guessing; the caller names the file."""
+
+
+def image_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """Any PIL image → float32 array (H, W, channels) with values in [0, 1], its bit depth kept.
+
+    8-bit modes (1, L, P, RGB, CMYK, YCbCr, …) scale by 255; 16-bit grayscale (I;16) and 32-bit integer images (I,
+    as 16-bit PNGs open in older Pillow) by 65535; 32-bit float images (F) are taken as they are and must lie in
+    [0, 1]. Transparent pixels (LA, PA, RGBA, or a palette or tRNS transparency) are composited over white. Colour
+    becomes gray by ITU-R 601-2 luma, as Pillow's convert("L"); gray becomes colour by repetition.
+    """
+    mode = image.mode
+    if mode in HIGH_DEPTH_WHITE:
+        values, white = np.asarray(image, dtype=np.float64), HIGH_DEPTH_WHITE[mode]
+        if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= white):
+            raise UnsupportedImage(f"{mode} image with values outside 0…{white:g} (or not finite); save it as 8-bit "
+                                   "or 16-bit grayscale or RGB")
+        values = (values / white).astype(np.float32)[..., None]
+        return np.repeat(values, channels, axis=-1)
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        image = image.convert("LA" if mode in GRAY_MODES else "RGB")
+    try:
+        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255
+    except (ValueError, OSError) as error:
+        raise UnsupportedImage(f"mode {mode} cannot be converted ({error}); save it as grayscale or RGB") from None
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
 class ToModelImage:
-    """PIL image → float tensor (C, H, W) in [-1, 1], resized (shorter side) and centre-cropped to `size`."""
+    """PIL image of any mode → float tensor (C, H, W) in [-1, 1], resized (shorter side) and centre-cropped to `size`.
+
+    Pixels are converted to floats before resizing, so 16-bit and float images keep their precision.
+    """
 
     def __init__(self, size: int, channels: int) -> None:
-        self.mode = "L" if channels == 1 else "RGB"
+        self.channels = channels
         self.steps = v2.Compose([
-            v2.PILToTensor(),
             v2.Resize(size, antialias=True),
             v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
             v2.Normalize([0.5] * channels, [0.5] * channels),
         ])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.steps(image.convert(self.mode))
+        pixels = torch.from_numpy(image_to_array(image, self.channels)).permute(2, 0, 1).contiguous()
+        return self.steps(pixels)
 
 
 class ArrayImages(Dataset):
@@ -65,7 +107,10 @@ class HuggingFaceImages(Dataset):
         return len(self.table)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(self.table[index][self.column])
+        try:
+            return self.transform(self.table[index][self.column])
+        except UnsupportedImage as error:
+            raise ConfigError(f"data.hf_name: row {index} of column '{self.column}': {error}") from None
 
 
 def find_images(root: Path) -> list[Path]:
@@ -80,13 +125,18 @@ def find_images(root: Path) -> list[Path]:
     return paths
 
 
-def check_images(paths: list[Path]) -> None:
-    """Check each file's header, so a bad file fails before training starts rather than mid-epoch."""
+def check_images(paths: list[Path], channels: int) -> None:
+    """Decode every file in full and convert its pixels, so a bad file fails before training starts, not mid-epoch.
+
+    `verify()` alone checks a PNG's checksums but not whether JPEG data decodes, so each image is also loaded.
+    """
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            with Image.open(path) as image:
+                image_to_array(image, channels)
+        except (UnidentifiedImageError, OSError, SyntaxError, UnsupportedImage) as error:
             raise ConfigError(f"data.root: cannot read image '{path}' ({error}); remove or replace the file") from None
 
 
@@ -105,7 +155,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as image:
                 return self.transform(image.copy())
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, OSError, UnsupportedImage) as error:
             message = f"data.root: cannot decode image '{path}' ({error}); remove or replace the file"
             raise ConfigError(message) from None
 
@@ -165,6 +215,9 @@ class ImageDataModule(L.LightningDataModule):
         hf_name: Hugging Face dataset path or builder name (e.g. "uoft-cs/cifar10", or "imagefolder" with hf_data_dir).
         hf_data_dir: `data_dir` passed to `load_dataset` (the folder for builders such as "imagefolder").
         hf_split: Split to train on.
+        hf_revision: Git revision (branch, tag or commit) of a hub dataset; pin it for reproducible runs.
+        hf_cache_dir: Cache folder for Hugging Face datasets; default: the shared Hugging Face cache (HF_HOME,
+            HF_DATASETS_CACHE).
         image_column: Column that holds the images ("img" for uoft-cs/cifar10, "image" for imagefolder).
     """
 
@@ -182,6 +235,8 @@ class ImageDataModule(L.LightningDataModule):
         hf_name: str = "uoft-cs/cifar10",
         hf_data_dir: str | None = None,
         hf_split: str = "train",
+        hf_revision: str | None = None,
+        hf_cache_dir: str | None = None,
         image_column: str = "img",
     ) -> None:
         super().__init__()
@@ -203,11 +258,26 @@ class ImageDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.val_size = val_size
         self.seed = seed
-        self.hf = dict(name=hf_name, data_dir=hf_data_dir, split=hf_split, column=image_column)
+        self.hf = dict(name=hf_name, data_dir=hf_data_dir, split=hf_split, revision=hf_revision, cache_dir=hf_cache_dir,
+                       column=image_column)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.position = {"epoch": 0, "batches": 0}  # training batches used so far in the current epoch, per process
         self.resume_position: dict[str, int] | None = None
+
+    @property
+    def source_name(self) -> str:
+        """A file-name-safe name of the image source that tells apart sources with different images (FID caches)."""
+        if self.dataset_name in ("digits", "cifar10"):
+            return self.dataset_name
+        if self.dataset_name == "folder":
+            label, identity = self.root.name, {"root": str(self.root.resolve())}
+        else:
+            label = self.hf["name"]
+            identity = {k: self.hf[k] for k in ("name", "split", "revision", "column")}
+            identity["data_dir"] = str(Path(self.hf["data_dir"]).resolve()) if self.hf["data_dir"] else None
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.dataset_name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{digest}"
 
     def prepare_data(self) -> None:
         # Runs on one process per node before anything is written: downloads and checks happen here.
@@ -216,7 +286,7 @@ class ImageDataModule(L.LightningDataModule):
         elif self.dataset_name == "huggingface":
             self._huggingface()
         elif self.dataset_name == "folder":
-            check_images(find_images(self.root))
+            check_images(find_images(self.root), self.channels)
         self._check_sizes(len(self._load()))
 
     def _check_sizes(self, total: int) -> None:
@@ -278,9 +348,8 @@ class ImageDataModule(L.LightningDataModule):
 
         name, column = self.hf["name"], self.hf["column"]
         try:
-            table = datasets.load_dataset(
-                name, data_dir=self.hf["data_dir"], split=self.hf["split"], cache_dir=str(self.root / "huggingface")
-            )
+            table = datasets.load_dataset(name, data_dir=self.hf["data_dir"], split=self.hf["split"],
+                                          revision=self.hf["revision"], cache_dir=self.hf["cache_dir"])
         except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(

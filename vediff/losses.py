@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from vediff.preconditioning import check_sigma_range
-from vediff.utils import append_dims
+from vediff.utils import append_dims, check_number
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,8 +80,9 @@ class EDMLoss(DenoisingLoss):
     """EDM loss; `sigma_data` must match the EDMPrecond it trains."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5) -> None:
-        if not P_std > 0:
-            raise ValueError(f"EDMLoss: P_std ({P_std}) must be positive")
+        check_number("EDMLoss: P_mean", P_mean)
+        check_number("EDMLoss: P_std", P_std, above=0)
+        check_number("EDMLoss: sigma_data", sigma_data, above=0)
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
         self.sigma_data = float(sigma_data)

@@ -1,4 +1,5 @@
-"""Sample quality: FID and KID (torchmetrics) of generated images against the training set (ALGORITHMS.md §7).
+"""Sample quality: FID and KID (torchmetrics) of generated images against the training set (Heusel et al. 2017;
+Bińkowski et al. 2018).
 
 Features are computed once per image by an extractor that lives here and in the callbacks, never in the trained
 module; torchmetrics' FrechetInceptionDistance and KernelInceptionDistance then receive those features through an
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import urllib.error
 import warnings
 from pathlib import Path
@@ -160,11 +160,9 @@ class QualityMetrics(nn.Module):
 
 
 def reference_cache_path(datamodule: ImageDataModule, feature: FeatureName) -> Path:
-    """<data root>/fid_refs/<dataset>-<size>px-<channels>ch-<feature>.pt."""
-    name = datamodule.dataset_name
-    if name == "huggingface":
-        name += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", datamodule.hf["name"])
-    return datamodule.root / "fid_refs" / f"{name}-{datamodule.image_size}px-{datamodule.channels}ch-{feature}.pt"
+    """<data root>/fid_refs/<source>-<size>px-<channels>ch-<feature>.pt; <source> is `datamodule.source_name`."""
+    name = f"{datamodule.source_name}-{datamodule.image_size}px-{datamodule.channels}ch-{feature}.pt"
+    return datamodule.root / "fid_refs" / name
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from torch import nn
 
 from vediff.losses import DenoisingLoss, EDMLoss, VELoss
 from vediff.preconditioning import DEFAULT_SIGMA_RANGE, EDMPrecond, Precond, VEPrecond
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, check_number
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,10 +71,8 @@ class VEDiffusion(L.LightningModule):
         _store_net_config(self.hparams, net)
         if precond not in DEFAULT_SIGMA_RANGE:
             raise ConfigError(f"model.precond: '{precond}' is not one of {sorted(DEFAULT_SIGMA_RANGE)}")
-        if not lr > 0:
-            raise ConfigError(f"model.lr: {lr} must be positive")
-        if warmup_kimg < 0:
-            raise ConfigError(f"model.warmup_kimg: {warmup_kimg} must be 0 or more")
+        check_number("model.lr", lr, above=0)
+        check_number("model.warmup_kimg", warmup_kimg, at_least=0)
         if max_nonfinite_steps < 1:
             raise ConfigError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be at least 1")
         if val_sigmas < 1:

@@ -238,8 +238,8 @@ def _check_config(
     factor = 2 ** (len(channel_mult) - 1)
     if sample_size < factor or sample_size % factor:
         raise ConfigError(
-            f"{field}.sample_size: {sample_size} is not divisible by {factor} (the UNet halves the image "
-            f"{len(channel_mult) - 1} times); use a multiple of {factor} for data.image_size"
+            f"data.image_size ({field}.sample_size): {sample_size} must be a positive multiple of {factor} (the UNet "
+            f"halves the image {len(channel_mult) - 1} times); use e.g. {max(factor, sample_size // factor * factor)}"
         )
     resolutions = [sample_size >> level for level in range(len(channel_mult))]
     missing = [r for r in attn_resolutions if r not in resolutions]

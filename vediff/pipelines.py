@@ -1,4 +1,4 @@
-"""Unconditional image pipelines with the API of the seed documents, over any denoiser D(x, sigma).
+"""Unconditional image pipelines with the API of diffusers 0.42's, over any denoiser D(x, sigma).
 
 `unet` is any module or callable following vediff's denoiser contract (`VEDiffusion.denoiser`, an `EDMPrecond`, an
 analytic denoiser in a test) with `in_channels` and `sample_size` attributes. Images come out in [0, 1].
@@ -26,7 +26,7 @@ from vediff.samplers import (
     sample_score_sde_ve,
 )
 from vediff.schedulers import DDIMScheduler, KarrasVeScheduler, Output, Scheduler, ScoreSdeVeScheduler
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, check_number, write_json
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -77,7 +77,7 @@ class ImagePipeline:
         The denoiser must be an EDMPrecond or VEPrecond over a vediff network (e.g. `VEDiffusion.denoiser`).
         """
         from vediff import __version__
-        from vediff.pretrained import MODEL_INDEX, save_denoiser, write_json
+        from vediff.pretrained import MODEL_INDEX, save_denoiser
 
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,10 +105,7 @@ class ImagePipeline:
                 raise ConfigError(f"'{path}' is a checkpoint, which names no sampler; call from_pretrained on "
                                   "KarrasVePipeline, ScoreSdeVePipeline or DDIMPipeline")
             denoiser = load_denoiser(path)
-            if scheduler is None:
-                pipeline = SamplerConfig(sampler=cls.sampler_name).pipeline(denoiser)
-                pipeline.set_progress_bar_config()  # SamplerConfig turns the bar off; a user-facing pipeline shows it
-                return pipeline
+            scheduler = scheduler or SamplerConfig(sampler=cls.sampler_name).scheduler(denoiser)
             return cls(unet=denoiser, scheduler=scheduler)
         if not path.is_dir():
             raise ConfigError(f"'{path}' is neither a pipeline folder (save_pretrained) nor a checkpoint (.ckpt)")
@@ -199,7 +196,7 @@ class KarrasVePipeline(ImagePipeline):
 class ScoreSdeVePipeline(ImagePipeline):
     """Predictor–corrector sampling of the VE SDE (Song et al. 2021): N·(correct_steps + 1) evaluations.
 
-    The output is the last noise-free mean. The scheduler's σ range should be the model's own (the seed defaults
+    The output is the last noise-free mean. The scheduler's σ range should be the model's own (diffusers' defaults
     suit 1024-px models with data in [0, 1]).
 
     Args:
@@ -261,8 +258,7 @@ class DDIMPipeline(ImagePipeline):
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         self._check(batch_size, num_inference_steps, output_type, kwargs)
-        if eta < 0:
-            raise ValueError(f"eta: {eta} must be 0 or more")
+        check_number("eta", eta, at_least=0)
         scheduler, config = self.scheduler, self.scheduler.config
         scheduler.set_timesteps(num_inference_steps)
         sigmas = scheduler.sigmas()
@@ -279,8 +275,7 @@ class DDIMPipeline(ImagePipeline):
 
 # The pipelines by name, for the command line and the sampler callbacks.
 PIPELINES: dict[str, tuple[type[ImagePipeline], type[Scheduler]]] = {
-    "karras_ve": (KarrasVePipeline, KarrasVeScheduler),
-    "score_sde_ve": (ScoreSdeVePipeline, ScoreSdeVeScheduler),
-    "ddim": (DDIMPipeline, DDIMScheduler),
+    pipeline.sampler_name: (pipeline, pipeline.scheduler_class)
+    for pipeline in (KarrasVePipeline, ScoreSdeVePipeline, DDIMPipeline)
 }
 PIPELINE_CLASSES: dict[str, type[ImagePipeline]] = {pipeline.__name__: pipeline for pipeline, _ in PIPELINES.values()}

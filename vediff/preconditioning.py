@@ -7,6 +7,8 @@ expose ``in_channels``, ``sample_size`` and the σ range the model was trained f
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,11 +16,11 @@ from vediff.utils import ConfigError, append_dims, sigma_batch
 
 
 def check_sigma_range(sigma_min: float, sigma_max: float, owner: str) -> None:
-    """Raise a ConfigError unless 0 < sigma_min < sigma_max."""
-    if not 0 < sigma_min < sigma_max:
+    """Raise a ConfigError unless 0 < sigma_min < sigma_max < ∞."""
+    if not 0 < sigma_min < sigma_max < math.inf:
         raise ConfigError(
-            f"{owner}: sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max}); "
-            "fix the values in the config"
+            f"{owner}: sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max}), "
+            "which must be finite; fix the values in the config"
         )
 
 

@@ -1,6 +1,6 @@
 """Pipeline folders: a denoiser as JSON config + safetensors weights, a scheduler as JSON. No pickle on either path.
 
-Layout (as the reference library lays out its pipelines):
+Layout (as diffusers lays out its pipelines):
 
     model_index.json                      pipeline class and vediff version
     unet/config.json                      preconditioning, its σ range (and σ_data), the network's class and arguments
@@ -18,9 +18,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vediff.checkpoints import check_same_shapes
 from vediff.network import UNet2D
 from vediff.preconditioning import EDMPrecond, Precond, VEPrecond
-from vediff.utils import ConfigError, write_atomically
+from vediff.utils import ConfigError, write_atomically, write_json
 
 MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -41,11 +42,6 @@ def precond_config(denoiser: Precond) -> dict[str, Any]:
     net = denoiser.net
     return {"_class_name": type(denoiser).__name__, **args,
             "net": {"class_path": f"vediff.{type(net).__name__}", "init_args": net.config}}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def save_denoiser(denoiser: Precond, folder: Path) -> None:
@@ -79,10 +75,13 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
     """
     folder, prefix = Path(folder), f"{field}: " if field else ""
     config = read_json(folder / UNET_CONFIG, field)
-    precond, net_spec = config.get("_class_name"), config.get("net") or {}
-    if precond not in PRECONDS or net_spec.get("class_path") not in NETWORKS:
-        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' names {precond!r} over {net_spec.get('class_path')!r}; "
-                          f"vediff knows {', '.join(PRECONDS)} over {', '.join(sorted(NETWORKS))}")
+    precond, net_spec = config.get("_class_name"), config.get("net")
+    class_path = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
+    init_args = net_spec.get("init_args", {}) if isinstance(net_spec, dict) else None
+    if precond not in PRECONDS or class_path not in NETWORKS or not isinstance(init_args, dict):
+        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' names {precond!r} over {class_path!r}; vediff knows "
+                          f"{', '.join(PRECONDS)} over {', '.join(sorted(NETWORKS))}, with \"net\" written as "
+                          "{\"class_path\": ..., \"init_args\": {...}} (save the pipeline again)")
     weights_path = folder / UNET_WEIGHTS
     if not weights_path.is_file():
         raise ConfigError(f"{prefix}'{weights_path}' is missing; write the folder again with save_pretrained")
@@ -93,10 +92,12 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
                           "truncated or something else under that name; save the pipeline again") from None
     args = {k: v for k, v in config.items() if k not in ("_class_name", "net")}
     try:
-        net = NETWORKS[net_spec["class_path"]](**net_spec.get("init_args", {}))
+        net = NETWORKS[class_path](**init_args)
         denoiser = PRECONDS[precond](net, **args)
-        net.load_state_dict(weights)
-    except (ConfigError, RuntimeError, TypeError) as error:
+    except (ConfigError, TypeError) as error:
         first = str(error).strip().splitlines()[0]
-        raise ConfigError(f"{prefix}'{folder}': the weights do not fit the configured network ({first})") from None
+        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' cannot build its network ({first})") from None
+    check_same_shapes({name: tuple(w.shape) for name, w in weights.items()}, net, weights_path, field=field or "unet",
+                      hint=f"its weights do not fit {UNET_CONFIG}; save the pipeline again")
+    net.load_state_dict(weights)
     return denoiser.eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,15 +14,16 @@ import numpy as np
 import PIL.Image
 import torch
 from lightning.fabric import Fabric
-from torchvision.utils import make_grid, save_image
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
 from vediff.data import ImageDataModule
 from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
 from vediff.pretrained import load_denoiser_folder
-from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, parse_seeds, to_uint8
-from vediff.utils import ConfigError, fail, write_atomically
+from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, image_grid, parse_seeds, to_uint8
+from vediff.utils import ConfigError, check_writable, fail, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
 
@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "newest last.ckpt under lightning_logs/")
     arg("--export", metavar="DIR", help="write the model and the chosen sampler as a pipeline folder "
                                         "(JSON + safetensors, loadable with ImagePipeline.from_pretrained) and exit")
+    arg("--overwrite", action="store_true", help="let --export replace an existing pipeline folder")
     arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
     arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
     arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
     arg("--batch-size", type=int, default=64, help="images per batch on each device")
     arg("--outdir", default="samples", help="output folder: <seed>.png per image, grid.png, samples.npz")
     arg("--grid", action="store_true", help="also write grid.png with all images")
+    arg("--grid-min-size", type=int, default=512, metavar="PX",
+        help="enlarge small images in grid.png by a whole nearest-neighbour factor until the grid is this wide (0: "
+             "native size)")
     arg("--npz", action="store_true", help="also write samples.npz: uint8 images (N, H, W, C) as arr_0, and seeds")
     arg("--fid", action="store_true",
         help="compute FID and KID against the training set of the checkpoint's data; writes metrics.json")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--snr", type=float, default=0.16, help="score_sde_ve: Langevin signal-to-noise ratio")
     setting("--correct-steps", type=int, default=1, help="score_sde_ve: corrector steps per predictor step")
     setting("--batch-step-size", action="store_true",
-            help="score_sde_ve: the reference's batch-averaged Langevin step size (images then depend on the batch)")
+            help="score_sde_ve: diffusers' batch-averaged Langevin step size (images then depend on the batch)")
     setting("--eta", type=float, default=0.0, help="ddim: η (0 deterministic, 1 DDPM-like)")
     setting("--spacing", choices=["leading", "trailing", "linspace", "quadratic"], default="leading",
             help="ddim: timestep spacing")
@@ -100,16 +104,23 @@ def checkpoint_path(given: str | None) -> Path:
     return newest
 
 
-def writable_folder(path: str, flag: str = "--outdir") -> Path:
-    """Create `path` and prove a file can be written there, before any sampling work."""
-    folder = Path(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        reason = error.strerror or error
-        raise ConfigError(f"{flag}: cannot write to '{folder}' ({reason}); choose another folder") from None
+def check_devices(device: str, devices: int) -> None:
+    """Refuse an accelerator or a process count this machine does not have, before Fabric starts anything."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible on this machine; use --device cpu (or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
+    gpus = torch.cuda.device_count()
+    if (device == "cuda" or (device == "auto" and gpus)) and devices > gpus:
+        raise ConfigError(f"--devices: {devices} processes need {devices} GPUs and this machine has {gpus}; use "
+                          f"--devices {gpus}, or --device cpu for CPU processes")
+
+
+def check_export_folder(path: str, overwrite: bool) -> Path:
+    folder = check_writable(path, "--export")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise ConfigError(f"--export: '{folder}' already exists and is not empty; choose a new folder or add "
+                          "--overwrite to replace the pipeline in it")
     return folder
 
 
@@ -137,36 +148,51 @@ def quality_setup(
 
 
 def main() -> None:
-    args = build_parser().parse_args()
     try:
-        if args.batch_size < 1 or args.devices < 1:
-            raise ConfigError("--batch-size and --devices must be at least 1")
-        config = sampler_config(args)
-        ckpt = checkpoint_path(args.ckpt)
-        if ckpt.is_dir():
-            if args.fid:
-                raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
-                                  "checkpoint (.ckpt) instead")
-            denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
-        else:
-            checkpoint = read_checkpoint(ckpt)
-            denoiser = denoiser_from(checkpoint, ckpt)
-        if config.sampler != "ddim":
-            config.sigma_range(denoiser)
-        if args.export:
-            folder = config.pipeline(denoiser).save_pretrained(writable_folder(args.export, "--export"))
-            print(f"Exported {ckpt} with {config.sampler} to {folder}/")
-            return
-        outdir = writable_folder(args.outdir)
-        quality = quality_setup(checkpoint, ckpt, args) if args.fid else None
-        del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
-        standard = quality is not None and quality[0].dataset_name == "cifar10"
-        seeds = parse_seeds(args.seeds or ("0-49999" if standard else "0-63"))
+        run(build_parser().parse_args())
     except ConfigError as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; every image file written so far is complete (files are written whole)", status=130)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every argument, then sample; nothing is written before the checks pass."""
+    if args.batch_size < 1 or args.devices < 1:
+        raise ConfigError("--batch-size and --devices must be at least 1")
+    if args.grid_min_size < 0:
+        raise ConfigError(f"--grid-min-size: {args.grid_min_size} must be 0 (native size) or more")
+    config = sampler_config(args)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    check_devices(args.device, args.devices)
+    export = check_export_folder(args.export, args.overwrite) if args.export is not None else None
+    outdir = check_writable(args.outdir, "--outdir") if export is None else None
+    ckpt = checkpoint_path(args.ckpt)
+    if ckpt.is_dir():
+        if args.fid:
+            raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
+                              "checkpoint (.ckpt) instead")
+        denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
+    else:
+        checkpoint = read_checkpoint(ckpt)
+        denoiser = denoiser_from(checkpoint, ckpt)
+    if config.sampler != "ddim":
+        config.sigma_range(denoiser)
+    if export is not None:
+        folder = config.pipeline(denoiser).save_pretrained(export)
+        print(f"Exported {ckpt} with {config.sampler} to {folder}/")
+        return
+    quality = quality_setup(checkpoint, ckpt, args) if args.fid else None
+    del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
+    standard = quality is not None and quality[0].dataset_name == "cifar10"
+    seeds = seeds or parse_seeds("0-49999" if standard else "0-63")
 
     strategy = "ddp" if args.devices > 1 else "auto"
-    fabric = Fabric(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision)
+    try:
+        fabric = Fabric(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision)
+    except (RuntimeError, ValueError, MisconfigurationException) as error:  # what check_devices cannot foresee
+        raise ConfigError(f"--device/--devices: {error}") from None
+    outdir.mkdir(parents=True, exist_ok=True)
     fabric.launch()
     fabric.print(f"Sampling {ckpt} with {config.sampler}, {config.nfe} network evaluations per image")
     start = time.perf_counter()
@@ -190,8 +216,8 @@ def main() -> None:
             stacked = np.stack([np.array(PIL.Image.open(image_path(outdir, s))) for s in seeds])
             stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
             if args.grid:
-                grid = make_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
-                                 nrow=int(np.ceil(np.sqrt(len(seeds)))), padding=1)
+                grid = image_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
+                                  min_size=args.grid_min_size)
                 write_atomically(outdir / "grid.png", lambda p: save_image(grid, p, format="PNG"))
             if args.npz:
                 write_atomically(outdir / "samples.npz",
@@ -207,10 +233,7 @@ def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Pa
                    device: torch.device) -> None:
     """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
     data, metrics, feature = quality
-    try:
-        statistics = reference_statistics(data, metrics.extractor, feature, device=device)
-    except ConfigError as error:
-        fail(str(error))
+    statistics = reference_statistics(data, metrics.extractor, feature, device=device)
     metrics.to(device).set_reference(statistics)
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2)
     for chunk in torch.split(images, 256):

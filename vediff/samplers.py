@@ -4,7 +4,7 @@ Every sampler has the signature ``sampler(denoiser, x, sigmas, *, noise, callbac
 starting noise already scaled to σ_0 (the VE frame), `sigmas` is descending and ends with 0, and the return value is
 the final noise-free sample. Arithmetic runs in `x`'s dtype (float32, or float64 on request); the denoiser's output
 is cast to it. `noise(x)` returns standard normal noise shaped like `x` (see `noise_from`); random draws follow the
-reference algorithms' order so seeded runs can be replayed against them.
+published algorithms' order (EDM, score_sde, diffusers) so seeded runs can be replayed against them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
     """Float32 standard normal noise; with a list of generators, image i is drawn from generator i alone.
 
     Noise is drawn on each generator's own device, then moved, so a CPU generator gives the same numbers whatever
-    device the sampler runs on (as the reference library's `randn_tensor` does).
+    device the sampler runs on (as diffusers' `randn_tensor` does).
     """
     shape = tuple(shape)
     if generator is None:
@@ -116,8 +116,8 @@ def sample_score_sde_ve(
     """Score-SDE VE predictor–corrector (Song et al. 2021): N·(correct_steps + 1) evaluations.
 
     Step i runs `correct_steps` Langevin corrections, then one reverse-diffusion step from σ_i to σ_{i+1}
-    (G² = σ_i² − σ_{i+1}²). The score is evaluated at `model_sigmas[i]` (the reference's continuous σ(t_i); by
-    default σ_i). Returns the last noise-free mean. The batch-averaged Langevin step size of the reference couples
+    (G² = σ_i² − σ_{i+1}²). The score is evaluated at `model_sigmas[i]` (the continuous σ(t_i) of Song et al.'s code; by
+    default σ_i). Returns the last noise-free mean. The batch-averaged Langevin step size of Song et al.'s code couples
     the images of a batch; `per_sample_step_size` makes each image depend on its own noise only.
     """
     noise = noise or noise_from(None)

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import repeat
+from torchvision.utils import make_grid
 
-from vediff.pipelines import DDIMPipeline, ImagePipeline, KarrasVePipeline, ScoreSdeVePipeline
-from vediff.schedulers import DDIMScheduler, KarrasVeScheduler, ScoreSdeVeScheduler
+from vediff.pipelines import PIPELINES, ImagePipeline
+from vediff.schedulers import DDIMScheduler, KarrasVeScheduler, Scheduler, ScoreSdeVeScheduler
 from vediff.schedules import Spacing
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, check_count, check_number
 
 SamplerName = Literal["karras_ve", "score_sde_ve", "ddim"]
 DEFAULT_STEPS = {"karras_ve": 18, "score_sde_ve": 200, "ddim": 50}
+DDIM_TRAIN_STEPS = 1000  # T of the DDIMScheduler that SamplerConfig builds
 
 
 @dataclass
@@ -38,7 +41,7 @@ class SamplerConfig:
         snr: Score-SDE Langevin signal-to-noise ratio.
         correct_steps: Score-SDE corrector steps per predictor step.
         step_size_per_sample: Score-SDE Langevin step size from each image's own norms (images independent of
-            the batch they are drawn in); false uses the reference's batch average.
+            the batch they are drawn in); false uses diffusers' batch average.
         eta: DDIM η: 0 deterministic, 1 DDPM-like.
         spacing: DDIM timestep spacing: leading, trailing, linspace or quadratic.
     """
@@ -63,11 +66,19 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.sampler not in DEFAULT_STEPS:
             raise ConfigError(f"sampler: '{self.sampler}' is not one of {', '.join(DEFAULT_STEPS)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps: {self.steps} must be at least 1")
-        for field in ("s_churn", "s_noise", "snr", "eta", "correct_steps"):
-            if getattr(self, field) < 0:
-                raise ConfigError(f"{field}: {getattr(self, field)} must be 0 or more")
+        if self.steps is not None:
+            check_count("steps", self.steps, 1)
+            if self.sampler == "ddim" and self.steps > DDIM_TRAIN_STEPS:
+                raise ConfigError(f"steps: {self.steps} DDIM steps exceed its {DDIM_TRAIN_STEPS} training timesteps; "
+                                  f"use at most {DDIM_TRAIN_STEPS}")
+        for field in ("sigma_min", "sigma_max"):
+            if getattr(self, field) is not None:
+                check_number(field, getattr(self, field), above=0)
+        for field in ("s_churn", "s_noise", "s_min", "snr", "eta"):
+            check_number(field, getattr(self, field), at_least=0)
+        check_number("s_max", self.s_max, at_least=self.s_min, allow_inf=True)
+        check_number("rho", self.rho, above=0)
+        check_count("correct_steps", self.correct_steps, 0)
 
     @property
     def label(self) -> str:
@@ -90,21 +101,22 @@ class SamplerConfig:
             raise ConfigError(f"sigma_min ({low}) must be positive and below sigma_max ({high})")
         return low, high
 
-    def pipeline(self, denoiser) -> ImagePipeline:
-        """The pipeline and scheduler for these settings around `denoiser`, progress bar off."""
+    def scheduler(self, denoiser) -> Scheduler:
+        """The scheduler for these settings; the σ range defaults to `denoiser`'s."""
         if self.sampler == "karras_ve":
             low, high = self.sigma_range(denoiser)
-            scheduler = KarrasVeScheduler(low, high, s_noise=self.s_noise, s_churn=self.s_churn, s_min=self.s_min,
-                                          s_max=self.s_max, sigma_schedule=self.schedule, rho=self.rho)
-            pipeline = KarrasVePipeline(denoiser, scheduler)
-        elif self.sampler == "score_sde_ve":
+            return KarrasVeScheduler(low, high, s_noise=self.s_noise, s_churn=self.s_churn, s_min=self.s_min,
+                                     s_max=self.s_max, sigma_schedule=self.schedule, rho=self.rho)
+        if self.sampler == "score_sde_ve":
             low, high = self.sigma_range(denoiser)
-            scheduler = ScoreSdeVeScheduler(snr=self.snr, sigma_min=low, sigma_max=high,
-                                            correct_steps=self.correct_steps,
-                                            step_size_per_sample=self.step_size_per_sample)
-            pipeline = ScoreSdeVePipeline(denoiser, scheduler)
-        else:
-            pipeline = DDIMPipeline(denoiser, DDIMScheduler(timestep_spacing=self.spacing))
+            return ScoreSdeVeScheduler(snr=self.snr, sigma_min=low, sigma_max=high, correct_steps=self.correct_steps,
+                                       step_size_per_sample=self.step_size_per_sample)
+        return DDIMScheduler(timestep_spacing=self.spacing)
+
+    def pipeline(self, denoiser) -> ImagePipeline:
+        """The pipeline and scheduler for these settings around `denoiser`, progress bar off."""
+        pipeline_class, _ = PIPELINES[self.sampler]
+        pipeline = pipeline_class(denoiser, self.scheduler(denoiser))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -122,18 +134,41 @@ def batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
         yield items[start : start + size]
 
 
+MAX_SEED = 2**32 - 1  # EDM's seeds are NumPy's: 32-bit
+MAX_SEEDS = 1_000_000  # images per run; FID's protocol takes 50 000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """EDM-style seed lists: "0-63", "1,5,9", "0-3,10"."""
-    seeds: list[int] = []
+    """EDM-style seed lists: "0-63", "1,5,9", "0-3,10"; each seed in 0 … 2³² − 1, at most a million of them."""
+    spans: list[tuple[int, int]] = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match or (match[2] is not None and int(match[2]) < int(match[1])):
             raise ConfigError(f"--seeds: '{text}' is not a seed list like 0-63 or 1,5,9")
-        first = int(match[1])
-        seeds.extend(range(first, int(match[2] or first) + 1))
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last > MAX_SEED:
+            raise ConfigError(f"--seeds: {last} is above the largest seed, {MAX_SEED}")
+        spans.append((first, last))
+    count = sum(last - first + 1 for first, last in spans)  # counted before any list is built
+    if count > MAX_SEEDS:
+        raise ConfigError(f"--seeds: '{text}' names {count} images, more than {MAX_SEEDS} per run; split it into "
+                          f"several runs (e.g. --seeds 0-{MAX_SEEDS - 1}, then --seeds {MAX_SEEDS}-…)")
+    seeds = [seed for first, last in spans for seed in range(first, last + 1)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: '{text}' names a seed twice")
     return seeds
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 512) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] as one grid (C, H', W'), square by default, padding 1.
+
+    Small images are enlarged by a whole nearest-neighbour factor until the grid's longer side reaches `min_size`
+    pixels (0 keeps the native size), so every pixel stays a sharp square.
+    """
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(images, nrow=nrow, padding=1)
+    factor = max(1, math.ceil(min_size / max(grid.shape[1:]))) if min_size > 0 else 1
+    return repeat(grid, "c h w -> c (h a) (w b)", a=factor, b=factor)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Schedulers with the API of the seed documents (the reference library's KarrasVe, ScoreSdeVe and DDIM).
+"""Schedulers with the API of diffusers 0.42's KarrasVeScheduler, ScoreSdeVeScheduler and DDIMScheduler.
 
 Each keeps its constructor arguments in `config`. The step methods take tensors and return output dataclasses (or
 tuples with `return_dict=False`); `vediff.samplers` holds the same algorithms as loops over a σ schedule.
@@ -26,11 +26,11 @@ from vediff.schedules import (
     score_sde_ve_sigmas,
     ve_sigmas,
 )
-from vediff.utils import ConfigError, append_dims, write_atomically
+from vediff.utils import ConfigError, append_dims, check_number, write_json
 
 
 class Output:
-    """Dataclass outputs readable by attribute, by key (`out["derivative"]`) or by position, as in the seed API."""
+    """Dataclass outputs readable by attribute, by key (`out["derivative"]`) or by position, as diffusers' are."""
 
     def __getitem__(self, key: str | int) -> Any:
         return getattr(self, key) if isinstance(key, str) else astuple(self)[key]
@@ -77,11 +77,8 @@ class Scheduler:
 
     def save_config(self, save_directory: str | Path) -> Path:
         """Write `<save_directory>/scheduler_config.json`: the class name and the constructor arguments."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.config_name
-        text = json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2, sort_keys=True) + "\n"
-        write_atomically(path, lambda p: p.write_text(text))
+        path = Path(save_directory) / self.config_name
+        write_json(path, {"_class_name": type(self).__name__, **self.config})
         return path
 
     @classmethod
@@ -150,8 +147,10 @@ class KarrasVeScheduler(Scheduler):
         rho: float = 7.0,
     ) -> None:
         check_sigma_range(sigma_min, sigma_max, "KarrasVeScheduler")
-        if s_churn < 0 or s_noise < 0:
-            raise ValueError(f"KarrasVeScheduler: s_churn ({s_churn}) and s_noise ({s_noise}) must be 0 or more")
+        for field, value in (("s_churn", s_churn), ("s_noise", s_noise), ("s_min", s_min)):
+            check_number(f"KarrasVeScheduler: {field}", value, at_least=0)
+        check_number("KarrasVeScheduler: s_max", s_max, at_least=s_min, allow_inf=True)
+        check_number("KarrasVeScheduler: rho", rho, above=0)
         if sigma_schedule not in ("ve", "karras"):
             raise ValueError(f"KarrasVeScheduler: sigma_schedule '{sigma_schedule}' is not 've' or 'karras'")
         self._store_config(sigma_min=sigma_min, sigma_max=sigma_max, s_noise=s_noise, s_churn=s_churn, s_min=s_min,
@@ -231,19 +230,19 @@ class KarrasVeScheduler(Scheduler):
         return original_samples + append_dims(sigma.reshape(-1), original_samples.ndim) * noise
 
 
-# Song et al. 2021, VE SDE predictor–corrector, with the reference code's time grid.
+# Song et al. 2021, VE SDE predictor–corrector, with the time grid of its code (score_sde, 2021).
 class ScoreSdeVeScheduler(Scheduler):
     """Predictor–corrector sampling of the VE SDE (Song et al. 2021). `model_output` is the score (D − x)/σ².
 
     Args:
         num_train_timesteps: Size of the discrete σ grid used before `set_sigmas` is called.
         snr: Signal-to-noise ratio that sets the Langevin corrector's step size.
-        sigma_min: Smallest noise level σ(0) (the seed's default suits 1024-px models with data in [0, 1]).
+        sigma_min: Smallest noise level σ(0) (diffusers' default suits 1024-px models with data in [0, 1]).
         sigma_max: Largest noise level σ(1); the initial noise is σ_max·z.
         sampling_eps: Last time of the grid, t_N = ε (sampling stops just above t = 0).
         correct_steps: Langevin corrector steps before each predictor step.
         step_size_per_sample: Use each image's own norms for the Langevin step size instead of the batch average,
-            so an image depends only on its own generator (the reference averages over the batch).
+            so an image depends only on its own generator (diffusers and score_sde average over the batch).
     """
 
     def __init__(
@@ -257,8 +256,7 @@ class ScoreSdeVeScheduler(Scheduler):
         step_size_per_sample: bool = False,
     ) -> None:
         check_sigma_range(sigma_min, sigma_max, "ScoreSdeVeScheduler")
-        if snr < 0:
-            raise ValueError(f"ScoreSdeVeScheduler: snr ({snr}) must be 0 or more")
+        check_number("ScoreSdeVeScheduler: snr", snr, at_least=0)
         if correct_steps < 0:
             raise ValueError(f"ScoreSdeVeScheduler: correct_steps ({correct_steps}) must be 0 or more")
         if not 0 < sampling_eps < 1:
@@ -298,7 +296,7 @@ class ScoreSdeVeScheduler(Scheduler):
         self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), num_inference_steps))
 
     def grid_indices(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """k = ⌊t·(N − 1)⌋, computed in float32 as the reference does."""
+        """k = ⌊t·(N − 1)⌋, computed in float32 as diffusers does."""
         return (timesteps.float().cpu() * (len(self.timesteps) - 1)).long()
 
     def update_sigmas(self) -> torch.Tensor:
@@ -361,7 +359,7 @@ class ScoreSdeVeScheduler(Scheduler):
 class DDIMScheduler(Scheduler):
     """DDIM in the VP form of the paper; `model_output` is the predicted noise ε̂.
 
-    Unlike the reference library, each step goes to the actual next entry of the timestep list (it uses t − T/N,
+    Unlike diffusers' DDIMScheduler, each step goes to the actual next entry of the timestep list (it uses t − T/N,
     which is wrong for "linspace" and for "trailing" when N does not divide T); for "leading" spacing both agree.
 
     Args:
@@ -445,8 +443,7 @@ class DDIMScheduler(Scheduler):
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM step from `timestep` to the next entry of the list (paper eq. 12)."""
-        if eta < 0:
-            raise ValueError(f"eta: {eta} must be 0 or more")
+        check_number("eta", eta, at_least=0)
         alpha = self.alpha_cumprod(int(timestep))
         alpha_prev = self.alpha_cumprod(self.previous_timestep(timestep))
         pred_original_sample = (sample - math.sqrt(1 - alpha) * model_output) / math.sqrt(alpha)

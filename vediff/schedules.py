@@ -51,7 +51,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return (inv_max + ramp * (inv_min - inv_max)) ** rho
 
 
-# Song et al. 2021, VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t, with the discrete grid of the reference code.
+# Song et al. 2021, VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t, with the discrete grid of its code.
 def score_sde_ve_sigmas(sigma_min: float, sigma_max: float, t: torch.Tensor) -> torch.Tensor:
     """Continuous VE-SDE noise level σ(t) = σ_min·(σ_max/σ_min)^t (Song et al. 2021)."""
     return sigma_min * (sigma_max / sigma_min) ** t
@@ -74,7 +74,7 @@ def ddim_alphas_cumprod(
     return torch.cumprod(1 - betas, dim=0)
 
 
-# DDIM (Song, Meng, Ermon 2021) §D.2 and the reference library's spacings.
+# DDIM (Song, Meng, Ermon 2021) §D.2 and diffusers' spacings.
 def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing = "leading", steps_offset: int = 0) -> list[int]:
     """The N training timesteps DDIM visits, descending.
 

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 
 class ConfigError(ValueError):
     """A user mistake (a config value, a path, a flag). The CLI prints its message as one line and exits non-zero."""
+
+
+def check_number(
+    field: str, value: float, *, above: float | None = None, at_least: float | None = None, allow_inf: bool = False
+) -> None:
+    """Raise ConfigError unless `value` is a number, never NaN, finite unless `allow_inf`, and within the bound."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{field}: {value!r} is not a number")
+    if math.isinf(value) and not allow_inf:
+        raise ConfigError(f"{field}: {value} must be finite")
+    if above is not None and not value > above:
+        raise ConfigError(f"{field}: {value} must be above {above:g}")
+    if at_least is not None and not value >= at_least:
+        raise ConfigError(f"{field}: {value} must be {at_least:g} or more")
+
+
+def check_count(field: str, value: int, at_least: int) -> None:
+    """Raise ConfigError unless `value` is an integer of at least `at_least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+        raise ConfigError(f"{field}: {value!r} must be a whole number, {at_least} or more")
 
 
 def one_line(message: str) -> str:
@@ -30,16 +52,46 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def check_writable(folder: str | Path, field: str) -> Path:
+    """Fail early, before anything is written, if `folder` cannot be created or written to. Creates nothing."""
+    if not str(folder).strip():
+        raise ConfigError(f"{field}: the path is empty; name a folder")
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: cannot write to '{folder}' ('{existing}' is not a writable folder); "
+                          "choose a folder you can write to")
+    return folder
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(temporary)` on a file beside `path`, then rename it to `path`: `path` is never half-written."""
+    """Call `write(temporary)` on a file beside `path`, then rename it to `path`: `path` is never half-written.
+
+    The file gets the permissions the user's umask gives a new file (mkstemp's own are 0600).
+    """
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as indented, key-sorted JSON at `path` (its folder created), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 # k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
