@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,30 @@ TINY_DIGITS = [
 ]
 
 
-def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
-    """Run `python <repo>/<script> args…` in `cwd`; returns the CompletedProcess (text output)."""
+def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+               umask: int | None = None, file_size_limit: int | None = None):
+    """Run `python <repo>/<script> args…` in `cwd`; returns the CompletedProcess (text output).
+
+    `umask` sets the child's umask; `file_size_limit` caps the bytes of any file it writes (RLIMIT_FSIZE), so a write
+    past it fails as on a full disk.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    def limits() -> None:
+        if umask is not None:
+            os.umask(umask)
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False, preexec_fn=limits,
     )
+
+
+def tree(folder: Path) -> list[tuple[str, int]]:
+    """Every path below `folder` with its size (-1 for folders): compared before and after a refused command."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
 
 
 @pytest.fixture

@@ -133,26 +133,6 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
     assert not list(run_dir.glob("checkpoints/*.partial"))  # a later save replaced any leftover
 
 
-def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    target = tmp_path / "last.ckpt"
-    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
-
-    def dies_half_way(obj, file):
-        file.write(b"PK\x03\x04 half a zip")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
-    monkeypatch.undo()
-    assert torch.load(target, weights_only=True)["global_step"] == 1
-    assert (tmp_path / "last.ckpt.partial").exists()
-    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 3}, target)
-    assert torch.load(target, weights_only=True)["global_step"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-
-
 @pytest.mark.parametrize("key", ["state_dict", "current_model_state"])
 def test_checkpoint_with_non_finite_weights_is_never_written(tmp_path, key):
     io = AtomicCheckpointIO()
@@ -179,3 +159,20 @@ def test_mixed_precision_trains_the_digits_config_without_non_finite_values(tmp_
     assert len(losses) == 20 and all(0 < value < 10 for value in losses)
     if precision == "bf16-mixed":  # float16 may skip a few steps while its loss scale settles; bfloat16 never
         assert checkpoint["skipped_steps"] == 0
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    first = run_script("train.py", "fit", *TRAIN_ONLY, "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "lightning_logs" / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    # Files may not grow past half a checkpoint: the next save fails in the kernel, as on a full disk (EFBIG).
+    resumed = run_script("train.py", "fit", *TRAIN_ONLY, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                         cwd=tmp_path, file_size_limit=len(before) // 2)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    errors = [line for line in resumed.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "could not write checkpoint" in errors[0] and "File too large" in errors[0]
+    assert "the previous one there is kept" in errors[0] and "--ckpt_path last" in errors[0]
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob("*.partial"))

@@ -33,6 +33,20 @@ def test_ema_update_is_a_lerp_with_the_current_decay():
     torch.testing.assert_close(averaged[0], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * -2]))
 
 
+def test_ema_updates_every_n_steps_with_the_decay_of_the_images_since_the_last_update():
+    class Counts:  # what HalfLifeEMA reads from the module: 64 images per step, 6 steps taken so far
+        images_per_step, images_seen = 64, 6 * 64
+
+    ema = HalfLifeEMA(half_life_kimg=1, rampup_ratio=None, update_every_n_steps=3)
+    ema.module = Counts()
+    decisions = [ema.should_update(step_idx=i) for i in range(6)]
+    assert decisions == [True, False, False, True, False, False]
+    # The update after step 4 (index 3) covers the 3 steps since the update after step 1: 3 × 64 images.
+    assert ema.decay == pytest.approx(0.5 ** (3 * 64 / 1000))
+    assert ema.should_update(epoch_idx=0) is False
+    assert ema.state_dict()["updated_at_step"] == 4
+
+
 def tiny_module(tiny_unet_kwargs, **kwargs) -> VEDiffusion:
     return VEDiffusion(UNet2D(**tiny_unet_kwargs), warmup_kimg=0, **kwargs)
 

@@ -1,12 +1,17 @@
 """sample.py end to end in subprocesses, on a tiny model trained by the test."""
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIGITS, Trap, run_script
+from conftest import REPO, TINY_DIGITS, Trap, run_script, tree
 from PIL import Image
 
 SEEDS = list(range(6))
@@ -37,7 +42,10 @@ def test_each_sampler_writes_images_grid_and_npz(checkpoint, tmp_path, sampler):
                     "--npz")
     assert sorted(p.name for p in outdir.glob("0*.png")) == [f"{s:06d}.png" for s in SEEDS]
     assert Image.open(outdir / "000000.png").size == (8, 8)
-    assert Image.open(outdir / "grid.png").size == (3 * 9 + 1, 2 * 9 + 1)  # 6 images: 3 columns, 2 rows
+    # 6 images of 8×8: 3 columns, 2 rows, padding 1 (28 × 19 px), each pixel drawn as a 19×19 block (≥ 512 px wide).
+    grid = np.asarray(Image.open(outdir / "grid.png"))
+    assert grid.shape[:2] == (19 * 19, 19 * 28)
+    assert np.array_equal(grid, grid[::19, ::19].repeat(19, axis=0).repeat(19, axis=1))
     arrays = np.load(outdir / "samples.npz")
     assert arrays["arr_0"].shape == (6, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
     assert arrays["seeds"].tolist() == SEEDS
@@ -46,7 +54,9 @@ def test_each_sampler_writes_images_grid_and_npz(checkpoint, tmp_path, sampler):
 
     # The same seeds one image at a time: byte-identical files, though the sampler draws fresh noise every step.
     single = tmp_path / "single"
-    sample(checkpoint, single, "--sampler", sampler, *STOCHASTIC[sampler], "--batch-size", "1")
+    sample(checkpoint, single, "--sampler", sampler, *STOCHASTIC[sampler], "--batch-size", "1", "--grid",
+           "--grid-min-size", "0")
+    assert np.array_equal(np.asarray(Image.open(single / "grid.png")), grid[::19, ::19])  # native size on request
     for seed in SEEDS:
         assert (single / f"{seed:06d}.png").read_bytes() == (outdir / f"{seed:06d}.png").read_bytes(), seed
     first, second = (np.array(Image.open(outdir / f"{s:06d}.png")) for s in (0, 1))
@@ -72,7 +82,11 @@ def test_without_ckpt_the_newest_run_is_used(checkpoint, tmp_path):
 
 
 
-def bad_checkpoints(tmp_path, checkpoint):
+def bad_inputs(tmp_path, checkpoint):
+    """The files the bad-input table points at: damaged, foreign and crafted checkpoints and pipeline folders."""
+    from vediff import KarrasVePipeline
+    from vediff.pretrained import UNET_CONFIG
+
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     foreign = tmp_path / "foreign.ckpt"
@@ -80,42 +94,128 @@ def bad_checkpoints(tmp_path, checkpoint):
     crafted = tmp_path / "crafted.ckpt"
     with open(crafted, "wb") as f:
         pickle.dump({"state_dict": Trap(tmp_path / "pwned")}, f)
-    return {"missing": tmp_path / "missing.ckpt", "truncated": truncated, "foreign": foreign, "crafted": crafted}
+    (tmp_path / "a_file").write_text("not a folder")
+    pipe = KarrasVePipeline.from_pretrained(checkpoint)
+    folders = {}
+    for name, edit in {
+        "string_net": lambda config: {**config, "net": "vediff.UNet2D"},
+        "wider": lambda config: {**config, "net": {**config["net"], "init_args": {
+            **config["net"]["init_args"], "model_channels": 16}}},
+        "existing": lambda config: config,
+    }.items():
+        folder = pipe.save_pretrained(tmp_path / name)
+        config = json.loads((folder / UNET_CONFIG).read_text())
+        (folder / UNET_CONFIG).write_text(json.dumps(edit(config)))
+        folders[name] = folder
+    return {"missing": tmp_path / "missing.ckpt", "truncated": truncated, "foreign": foreign, "crafted": crafted,
+            "blocker": tmp_path / "a_file", "good": checkpoint, **folders}
 
 
-BAD = {
+BAD = {  # case: (arguments, what the one line must name)
     "missing checkpoint": (["--ckpt", "{missing}"], "does not exist"),
     "truncated checkpoint": (["--ckpt", "{truncated}"], "truncated"),
     "foreign checkpoint": (["--ckpt", "{foreign}"], "not a vediff checkpoint"),
     "crafted pickle": (["--ckpt", "{crafted}"], "refused"),
     "bad seeds": (["--ckpt", "{good}", "--seeds", "3-x"], "--seeds"),
+    "empty seeds": (["--ckpt", "{good}", "--seeds", ""], "--seeds: '' is not a seed list"),
+    "seed overflow": (["--ckpt", "{good}", "--seeds", "99999999999999999999"], "above the largest seed"),
+    "a billion seeds": (["--ckpt", "{good}", "--seeds", "0-1000000000"], "more than 1000000 per run"),
     "unknown sampler": (["--ckpt", "{good}", "--sampler", "euler"], "--sampler"),
+    "infinite sigma_max": (["--ckpt", "{good}", "--sigma-max", "inf"], "sigma_max: inf must be finite"),
+    "NaN eta": (["--ckpt", "{good}", "--sampler", "ddim", "--eta", "nan"], "eta: nan is not a number"),
+    "DDIM steps beyond T": (["--ckpt", "{good}", "--sampler", "ddim", "--steps", "2000"], "1000 training timesteps"),
+    "rho 0": (["--ckpt", "{good}", "--rho", "0"], "rho: 0.0 must be above 0"),
+    "s_min above s_max": (["--ckpt", "{good}", "--s-min", "5", "--s-max", "1"], "s_max"),
+    "negative grid size": (["--ckpt", "{good}", "--grid-min-size", "-1"], "--grid-min-size"),
     "unwritable outdir": (["--ckpt", "{good}", "--outdir", "{blocker}/sub"], "--outdir"),
+    "empty outdir": (["--ckpt", "{good}", "--outdir", ""], "--outdir: the path is empty"),
     "no checkpoint anywhere": ([], "python train.py fit"),
+    "net written as a string": (["--ckpt", "{string_net}"], '"net" written as'),
+    "weights of another width": (["--ckpt", "{wider}"], "holds another architecture ('"),
+    "export over a pipeline": (["--ckpt", "{good}", "--export", "{existing}"], "--overwrite"),
+    "export into a file": (["--ckpt", "{good}", "--export", "{blocker}/sub"], "--export"),
 }
+if not torch.cuda.is_available():
+    BAD["cuda without a GPU"] = (["--ckpt", "{good}", "--device", "cuda"], "--device cuda: no CUDA GPU")
+
+
+def check_refused(status: int, stderr: str, expected: str) -> None:
+    assert status == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and expected in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture
+def bad_input_folder(checkpoint, tmp_path):
+    paths = bad_inputs(tmp_path, checkpoint)
+    return tmp_path, paths
+
+
+def bad_args(case: str, paths: dict, tmp_path) -> list[str]:
+    args, _ = BAD[case]
+    args = [a.format(**paths) for a in args]
+    return args if "--outdir" in args else [*args, "--outdir", str(tmp_path / "out")]
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
-    paths = {k: str(v) for k, v in bad_checkpoints(tmp_path, checkpoint).items()}
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    args, expected = BAD[case]
-    args = [a.format(good=checkpoint, blocker=blocker, **paths) for a in args]
-    if "--outdir" not in args:
-        args += ["--outdir", str(tmp_path / "out")]
-    result = run_script("sample.py", *args, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_bad_input_is_one_clear_line_and_writes_nothing(bad_input_folder, case, monkeypatch, capsys):
+    # In this process, through the CLI's own main (as sample.py calls it), to keep the table fast; the test below
+    # runs rows as real processes.
+    from vediff.sample_cli import main
+
+    tmp_path, paths = bad_input_folder
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sample.py", *bad_args(case, paths, tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    check_refused(stopped.value.code, capsys.readouterr().err, BAD[case][1])
+    assert tree(tmp_path) == before  # no output folder, no file, no code run
     assert not (tmp_path / "pwned").exists()
-    assert not list(tmp_path.glob("out/*.png"))
 
 
-def test_fid_writes_the_json_report(checkpoint, tmp_path):
+def test_bad_input_from_a_real_process(bad_input_folder):
+    tmp_path, paths = bad_input_folder
+    case = "NaN eta"
+    before = tree(tmp_path)
+    result = run_script("sample.py", *bad_args(case, paths, tmp_path), cwd=tmp_path)
+    check_refused(result.returncode, result.stderr, BAD[case][1])
+    assert tree(tmp_path) == before and not (tmp_path / "pwned").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_only_whole_images(checkpoint, tmp_path):
+    outdir = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "sample.py"), "--ckpt", str(checkpoint), "--outdir", str(outdir),
+         "--seeds", "0-99999", "--batch-size", "1", "--steps", "4"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while len(list(outdir.glob("*.png"))) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in stderr, stderr[-2000:]
+    assert not [p for p in outdir.iterdir() if p.suffix != ".png"]  # no temporary file left behind
+    for path in outdir.glob("*.png"):
+        with Image.open(path) as image:
+            image.load()  # every file there decodes in full
+
+
+def test_fid_writes_the_json_report_and_outputs_follow_the_umask(checkpoint, tmp_path):
     outdir = tmp_path / "fid"
-    result = sample(checkpoint, outdir, "--fid")
+    result = run_script("sample.py", "--ckpt", str(checkpoint), "--outdir", str(outdir), "--seeds", "0-5", "--steps",
+                        "3", "--fid", "--grid", "--npz", cwd=tmp_path, umask=0o027)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(p.name for p in outdir.iterdir())
+    assert written == [*(f"{s:06d}.png" for s in SEEDS), "grid.png", "metrics.json", "samples.npz"]
+    # What a new file gets under umask 027 (0640), not the 0600 of a temporary file.
+    assert {oct(p.stat().st_mode & 0o777) for p in outdir.iterdir()} == {"0o640"}
     report = json.loads((outdir / "metrics.json").read_text())
     assert set(report) == {"sampler", "settings", "nfe", "num_images", "seconds", "fid", "kid", "kid_std", "feature",
                            "reference", "checkpoint"}
@@ -140,8 +240,9 @@ def test_export_writes_a_pipeline_folder_that_samples_the_same_images(checkpoint
     from vediff import ImagePipeline, KarrasVePipeline
 
     exported = run_script("sample.py", "--ckpt", str(checkpoint), "--sampler", "karras_ve", "--s-churn", "20",
-                          "--export", str(tmp_path / "pipe"), cwd=tmp_path)
+                          "--export", str(tmp_path / "pipe"), cwd=tmp_path, umask=0o022)
     assert exported.returncode == 0, exported.stderr[-3000:]
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "pipe").rglob("*") if p.is_file()} == {"0o644"}
     assert not (tmp_path / "samples").exists()  # exporting samples nothing
     pipeline = ImagePipeline.from_pretrained(tmp_path / "pipe")
     assert type(pipeline) is KarrasVePipeline and pipeline.scheduler.config["s_churn"] == 20

@@ -3,6 +3,7 @@ distributions are known), EDM Algorithm 2 transcribed, schedules against their f
 Parity with diffusers' schedulers is in test_diffusers_parity.py."""
 
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -270,6 +271,16 @@ def test_float64_on_request():
         batch_size=2, generator=[torch.Generator()]), "generator"),
     (lambda: KarrasVePipeline(GaussianDenoiser(), KarrasVeScheduler())(num_inference_step=3), "unexpected"),
     (lambda: DDIMScheduler(timestep_spacing="even"), "timestep_spacing"),
+    # Non-finite settings would give all-black or NaN images without a word.
+    (lambda: DDIMPipeline(GaussianDenoiser(), DDIMScheduler())(eta=math.nan), "eta: nan is not a number"),
+    (lambda: DDIMScheduler().step(torch.zeros(1), 0, torch.zeros(1), eta=math.inf), "eta: inf must be finite"),
+    (lambda: KarrasVeScheduler(sigma_max=math.inf), "sigma_max"),
+    (lambda: KarrasVeScheduler(s_churn=math.nan), "s_churn"),
+    (lambda: KarrasVeScheduler(s_noise=math.inf), "s_noise"),
+    (lambda: KarrasVeScheduler(rho=0), "rho"),
+    (lambda: KarrasVeScheduler(s_min=10, s_max=1), "s_max"),
+    (lambda: ScoreSdeVeScheduler(snr=math.nan), "snr"),
+    (lambda: ScoreSdeVeScheduler(sigma_min=math.nan), "sigma_min"),
 ])
 def test_bad_arguments_say_which_and_why(call, match):
     with pytest.raises(ValueError, match=match):
@@ -282,3 +293,26 @@ def test_a_trained_module_denoiser_plugs_in(tiny_unet_kwargs):
     scheduler = KarrasVeScheduler(denoiser.sigma_min, denoiser.sigma_max, s_churn=0, sigma_schedule="karras")
     images = quiet(KarrasVePipeline(denoiser, scheduler))(batch_size=3, num_inference_steps=4, output_type="np").images
     assert images.shape == (3, 8, 8, 1)
+
+
+SAMPLER_CONFIG_ERRORS = [
+    (dict(sigma_max=math.inf), "sigma_max: inf must be finite"),
+    (dict(sigma_min=math.nan), "sigma_min: nan is not a number"),
+    (dict(sigma_min=0.0), "sigma_min: 0.0 must be above 0"),
+    (dict(sampler="ddim", eta=math.nan), "eta: nan"),
+    (dict(sampler="ddim", steps=2000), "exceed its 1000 training timesteps"),
+    (dict(rho=0.0), "rho: 0.0 must be above 0"),
+    (dict(s_churn=-1.0), "s_churn"),
+    (dict(s_min=5.0, s_max=1.0), "s_max: 1.0 must be 5 or more"),
+    (dict(snr=math.inf), "snr"),
+    (dict(correct_steps=-1), "correct_steps"),
+    (dict(steps=0), "steps"),
+]
+
+
+@pytest.mark.parametrize("settings, message", SAMPLER_CONFIG_ERRORS)
+def test_sampler_config_refuses_non_finite_and_out_of_range_settings(settings, message):
+    from vediff import ConfigError, SamplerConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SamplerConfig(**settings)

@@ -1,14 +1,16 @@
 """train.py end to end in a subprocess: fit, TensorBoard scalars, checkpoints, resume, configs, and bad input."""
 
 import glob
+import io
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_DIGITS, run_script
+from conftest import REPO, TINY_DIGITS, run_script, tree
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -60,7 +62,13 @@ def test_sample_grids_reach_tensorboard(trained):
     assert sorted(events.Tags()["images"]) == ["samples/ddim", "samples/karras_ve", "samples/score_sde_ve"]
     grids = events.Images("samples/karras_ve")
     assert [g.step for g in grids] == [3, 6]  # one grid per validation, at the step it ran
-    assert (grids[0].width, grids[0].height) == (2 * 9 + 1, 2 * 9 + 1)  # 4 images of 8×8 in a 2×2 grid, padding 1
+    # 4 images of 8×8 in a 2×2 grid with padding 1 (19 px), each pixel a 27×27 block: at least 512 px.
+    assert (grids[0].width, grids[0].height) == (27 * 19, 27 * 19)
+    # The same grid is a PNG in the run folder, whatever the logger.
+    for grid in grids:
+        png = np.asarray(Image.open(run_dir / "samples" / "karras_ve" / f"step_{grid.step:08d}.png"))
+        assert np.array_equal(png, np.asarray(Image.open(io.BytesIO(grid.encoded_image_string))))
+        assert np.array_equal(png, png[::27, ::27].repeat(27, axis=0).repeat(27, axis=1))
     values = scalars(run_dir)
     assert [v for _, v in values["samples_nfe/karras_ve"]][:1] == [5.0]  # 2·3 − 1
     assert [v for _, v in values["samples_nfe/score_sde_ve"]][:1] == [6.0]  # 3·(1 + 1)
@@ -167,7 +175,15 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
     ([*DIGITS, "--ckpt_path", "a_file"], "ckpt_path: 'a_file' refused"),
     ([*DIGITS, "--ckpt_path", "pickle.ckpt"], "such as posix.system"),
     (["--config", "no_such_config.yaml"], "no_such_config.yaml"),
+    (["--config", "empty.yaml"], "--config: 'empty.yaml' is empty"),
+    ([*DIGITS, "--model.P_std", "0"], "P_std"),
+    ([*DIGITS, "--data.image_size", "0"], "data.image_size"),
+    ([*DIGITS, "--data.dataset", "folder", "--data.root", "cut"], "cut/cut.jpg"),
+    ([*DIGITS, "--trainer.default_root_dir", "a_file/runs"], "trainer.default_root_dir"),
+    ([*DIGITS, "--trainer.devices", "0"], "trainer: "),
 ]
+if not torch.cuda.is_available():  # the README's own command on a machine without GPUs
+    BAD_INPUT.append((["--config", "cifar10.yaml"], "--trainer.accelerator cpu"))
 
 
 class RunsCode:
@@ -184,6 +200,13 @@ def bad_input_folder(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8), "white").save(tmp_path / "corrupt" / "good.png")
     (tmp_path / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     torch.save({"state_dict": {}, "hyper_parameters": RunsCode()}, tmp_path / "pickle.ckpt")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "cut").mkdir()
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "cut" / "good.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut" / "cut.jpg")
+    jpeg = (tmp_path / "cut" / "cut.jpg").read_bytes()
+    (tmp_path / "cut" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # its header still verifies
 
 
 def check_one_clear_line(status: int, stderr: str, named: str) -> None:
@@ -199,23 +222,23 @@ def test_bad_input_is_one_clear_line(args, named, tmp_path, monkeypatch, capsys)
     # In this process (the CLI's own main, as train.py calls it) to keep the table fast; the test below runs
     # two of the rows as real processes.
     bad_input_folder(tmp_path)
-    before = sorted(tmp_path.rglob("*"))
+    before = tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "fit", *args, "--trainer.enable_progress_bar", "false"])
     with pytest.raises(SystemExit) as stopped:
         main(config_dirs=[REPO / "configs"])
     check_one_clear_line(stopped.value.code, capsys.readouterr().err, named)
-    assert sorted(tmp_path.rglob("*")) == before  # nothing half-written, no code run
+    assert tree(tmp_path) == before  # nothing half-written, no code run
 
 
 @pytest.mark.parametrize("row", [2, 21])
 def test_bad_input_from_a_real_process(row, tmp_path):
     args, named = BAD_INPUT[row]
     bad_input_folder(tmp_path)
-    before = sorted(tmp_path.rglob("*"))
+    before = tree(tmp_path)
     result = run_script("train.py", "fit", *args, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     check_one_clear_line(result.returncode, result.stderr, named)
-    assert sorted(tmp_path.rglob("*")) == before
+    assert tree(tmp_path) == before
 
 
 def test_resuming_a_checkpoint_of_another_architecture_is_one_clear_line(trained, tmp_path):
@@ -246,3 +269,19 @@ def test_cifar10_offline_download_failure_says_what_to_do(tmp_path):
     assert "CIFAR-10" in error_lines[0] and "cifar_data" in error_lines[0] and "digits.yaml" in error_lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_default_root_dir_moves_logs_and_checkpoints_and_any_logger_gets_png_grids(tmp_path):
+    result = run_script(
+        "train.py", "fit", *TINY_DIGITS, "--trainer.max_epochs", "1", "--sample_quality.num_images", "0",
+        "--trainer.default_root_dir", "runs", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.name", "csv", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "lightning_logs" / "csv" / "version_0"
+    assert not (tmp_path / "lightning_logs").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss_step", "val/loss", "samples_nfe/karras_ve"} <= set(header)
+    for sampler in ("karras_ve", "score_sde_ve", "ddim"):  # CSV takes no images: the PNGs are the grids
+        assert [p.name for p in (run_dir / "samples" / sampler).iterdir()] == ["step_00000003.png"]

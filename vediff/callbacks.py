@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import PIL.Image
 import torch
+from einops import rearrange
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torchvision.utils import save_image
 
 from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
 from vediff.sampling import SamplerConfig, batches, image_grid
@@ -212,10 +214,11 @@ class SampleGrids(Callback):
                 images = config.generate(config.pipeline(denoiser), seeds)
             images = images.float().cpu()  # waits for the device, so the time below is the sampling time
             seconds = time.perf_counter() - start
-            grid = image_grid(images, min_size=self.min_size)
+            # Quantised once, so the PNG and every logger show the same pixels.
+            grid = rearrange(quantize(image_grid(images, min_size=self.min_size)), "c h w -> h w c").numpy()
             path = self.folder / config.label / f"step_{step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, lambda p, grid=grid: save_image(grid, p, format="PNG"))
+            write_atomically(path, lambda p, grid=grid: PIL.Image.fromarray(grid).save(p, format="PNG"))
             for logger in trainer.loggers:
                 log_image(logger, f"samples/{config.label}", grid, step)
                 logger.log_metrics({f"samples_nfe/{config.label}": config.nfe,
@@ -228,15 +231,14 @@ class SampleGrids(Callback):
         self.validations = state_dict["validations"]
 
 
-def log_image(logger: Logger, tag: str, grid: torch.Tensor, step: int) -> None:
-    """Send a grid (C, H, W) in [0, 1] to a logger's own image logging, where it has one (CSV has none)."""
+def log_image(logger: Logger, tag: str, grid: np.ndarray, step: int) -> None:
+    """Send a uint8 grid (H, W, C) to a logger's own image logging, where it has one (CSV has none)."""
     if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image(tag, grid, step)
+        logger.experiment.add_image(tag, grid, step, dataformats="HWC")
     elif isinstance(logger, WandbLogger):
         logger.log_image(key=tag, images=[grid], step=step)
     elif isinstance(logger, MLFlowLogger):
-        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        logger.experiment.log_image(logger.run_id, pixels, artifact_file=f"{tag}/step_{step:08d}.png")
+        logger.experiment.log_image(logger.run_id, grid, artifact_file=f"{tag}/step_{step:08d}.png")
 
 
 class SampleQuality(Callback):

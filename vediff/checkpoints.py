@@ -36,8 +36,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to `<name>.partial` beside it, flushes it to disk and renames it over the target.
 
     A checkpoint on disk is therefore always complete, even if the process is killed while saving; a killed save
-    leaves only the `.partial` file, which the next save overwrites. Checkpoints whose weights are not finite are
-    refused with `NonFiniteWeightsError`, so the last good checkpoint is never replaced by a broken one.
+    leaves only the `.partial` file, which the next save overwrites. A write that fails (a full disk, a quota) removes
+    the `.partial` file and raises `CheckpointWriteError` naming the file and the reason. Checkpoints whose weights are
+    not finite are refused with `NonFiniteWeightsError`, so the last good checkpoint is never replaced by a broken one.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:

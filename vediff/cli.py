@@ -64,16 +64,16 @@ class VediffCLI(LightningCLI):
         check_accelerator(config.trainer)
         logger_args = getattr(config.trainer.get("logger"), "init_args", None)
         root = config.trainer.get("default_root_dir")
+        if root:
+            check_writable(root, "trainer.default_root_dir")
         if logger_args is not None and logger_args.get("save_dir"):
             # A relative log folder lives under default_root_dir, as Lightning's own default logger does.
             if root and not Path(logger_args.save_dir).is_absolute():
                 logger_args.save_dir = str(Path(root) / logger_args.save_dir)
-            check_writable(Path(logger_args.save_dir), "trainer.logger.init_args.save_dir")
-        if root:
-            check_writable(Path(root), "trainer.default_root_dir")
+            check_writable(logger_args.save_dir, "trainer.logger.init_args.save_dir")
         if self.subcommand != "fit":
             return
-        check_writable(Path(config.data.root), "data.root")
+        check_writable(config.data.root, "data.root")
         if config.get("ckpt_path") == "last":
             self._resume_newest_run(config)
 
