@@ -7,9 +7,13 @@
     python sample.py --devices 2 --seeds 0-49999 --npz         # seeds split over 2 processes (Lightning Fabric)
 
 Each image comes from its own seed: the same seed gives the same image whatever --batch-size. Outputs go to --outdir:
-<seed>.png per image, grid.png (--grid), samples.npz (--npz: uint8 images as arr_0, with their seeds). Sampler
-settings default to the checkpoint's model (its σ range, image size and channels); `--help` lists them all.
-Checkpoints are read as tensors and plain data only; nothing in them is executed.
+<seed>.png per image, grid.png (--grid; small images enlarged to at least --grid-min-size px, 0 for native size),
+samples.npz (--npz: uint8 images as arr_0, with their seeds). Sampler settings default to the checkpoint's model (its
+σ range, image size and channels); `--help` lists them all. Checkpoints are read as tensors and plain data only;
+nothing in them is executed.
+
+Every argument is checked before anything is written: a mistake is one line on stderr and exit status 2, with no
+output folder left behind. Ctrl+C stops with exit status 130; the image files already written are whole.
 """
 
 from vediff.sample_cli import main

@@ -281,6 +281,12 @@ def test_float64_on_request():
     (lambda: KarrasVeScheduler(s_min=10, s_max=1), "s_max"),
     (lambda: ScoreSdeVeScheduler(snr=math.nan), "snr"),
     (lambda: ScoreSdeVeScheduler(sigma_min=math.nan), "sigma_min"),
+    (lambda: sample_karras_ve(GaussianDenoiser(), torch.zeros(1, 1, 8, 8), torch.tensor([math.inf, 1.0, 0.0])),
+     "sigmas: every noise level must be finite"),
+    (lambda: sample_karras_ve(GaussianDenoiser(), torch.zeros(1, 1, 8, 8), torch.tensor([1.0, 0.0]),
+                              s_churn=math.nan), "s_churn"),
+    (lambda: sample_ddim(GaussianDenoiser(), torch.zeros(1, 1, 8, 8), torch.tensor([1.0, 0.0]), eta=math.nan),
+     "eta"),
 ])
 def test_bad_arguments_say_which_and_why(call, match):
     with pytest.raises(ValueError, match=match):

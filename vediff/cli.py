@@ -178,7 +178,7 @@ def check_config_file(path: Path) -> None:
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError(f"--config: '{path}' is not valid YAML{at} ({getattr(error, 'problem', error)})") from None
     if not isinstance(content, dict) or not content:
-        what = "is empty" if content is None else f"holds a {type(content).__name__}, not a mapping of sections"
+        what = "is empty" if not content else f"holds a {type(content).__name__}, not a mapping of sections"
         raise ConfigError(f"--config: '{path}' {what}; a config has trainer, model and data sections (see configs/)")
 
 

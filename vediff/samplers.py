@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vediff.utils import append_dims
+from vediff.utils import append_dims, check_count, check_number
 
 Denoiser = Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]
 Noise = Callable[[torch.Tensor], torch.Tensor]
@@ -51,6 +51,14 @@ def _steps(n: int, progress: bool | dict) -> range | tqdm:
     return tqdm(range(n), **(progress if isinstance(progress, dict) else {}))
 
 
+def _sigma_list(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
+    """The schedule as Python floats, once per call; NaN, infinite or negative levels are refused."""
+    levels = [float(s) for s in sigmas]
+    if not all(0 <= s < math.inf for s in levels):
+        raise ValueError(f"sigmas: every noise level must be finite and 0 or more; got {levels}")
+    return levels
+
+
 def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return denoiser(x, sigma).to(x.dtype)
 
@@ -70,8 +78,11 @@ def sample_karras_ve(
     progress: bool | dict = False,
 ) -> torch.Tensor:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2): 2N − 1 denoiser evaluations."""
+    for field, value in (("s_churn", s_churn), ("s_noise", s_noise), ("s_min", s_min)):
+        check_number(field, value, at_least=0)
+    check_number("s_max", s_max, at_least=s_min, allow_inf=True)
     noise = noise or noise_from(None)
-    sigma_list = [float(s) for s in sigmas]
+    sigma_list = _sigma_list(sigmas)
     n = len(sigma_list) - 1
     for i in _steps(n, progress):
         sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
@@ -120,8 +131,10 @@ def sample_score_sde_ve(
     default σ_i). Returns the last noise-free mean. The batch-averaged Langevin step size of Song et al.'s code couples
     the images of a batch; `per_sample_step_size` makes each image depend on its own noise only.
     """
+    check_number("snr", snr, at_least=0)
+    check_count("correct_steps", correct_steps, 0)
     noise = noise or noise_from(None)
-    sigma_list = [float(s) for s in sigmas]
+    sigma_list = _sigma_list(sigmas)
     model_list = sigma_list[:-1] if model_sigmas is None else [float(s) for s in model_sigmas]
     x_mean = x
     for i in _steps(len(sigma_list) - 1, progress):
@@ -157,10 +170,9 @@ def sample_ddim(
 ) -> torch.Tensor:
     """DDIM over any σ schedule: η = 0 is the deterministic DDIM (an Euler step of the probability-flow ODE), η = 1 is
     DDPM-like. Equals the VP-form DDIM of the paper with ε̂ = (x − D)/σ, x_vp = x/√(1 + σ²). N evaluations."""
-    if eta < 0:
-        raise ValueError(f"eta: {eta} must be 0 or more")
+    check_number("eta", eta, at_least=0)
     noise = noise or noise_from(None)
-    sigma_list = [float(s) for s in sigmas]
+    sigma_list = _sigma_list(sigmas)
     for i in _steps(len(sigma_list) - 1, progress):
         sigma, sigma_prev = sigma_list[i], sigma_list[i + 1]
         denoised = _denoise(denoiser, x, sigma)
