@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vediff.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.data import ImageDataModule
+from vediff.guidance import guided
 from vediff.losses import EDMLoss, VELoss
 from vediff.module import VEDiffusion
 from vediff.network import UNet2D
@@ -15,7 +16,7 @@ from vediff.pipelines import (
     KarrasVePipeline,
     ScoreSdeVePipeline,
 )
-from vediff.preconditioning import EDMPrecond, VEPrecond
+from vediff.preconditioning import Denoiser, EDMPrecond, VEPrecond
 from vediff.samplers import SAMPLERS, sample_ddim, sample_karras_ve, sample_score_sde_ve
 from vediff.sampling import SamplerConfig
 from vediff.schedulers import (
@@ -40,6 +41,7 @@ __all__ = [
     "DDIMPipeline",
     "DDIMScheduler",
     "DDIMSchedulerOutput",
+    "Denoiser",
     "EDMLoss",
     "EDMPrecond",
     "HalfLifeEMA",
@@ -60,6 +62,7 @@ __all__ = [
     "VELoss",
     "VEPrecond",
     "append_dims",
+    "guided",
     "sample_ddim",
     "sample_karras_ve",
     "sample_score_sde_ve",

@@ -40,15 +40,18 @@ class DenoisingLoss:
         images: torch.Tensor,
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-image loss of `denoiser` on clean `images`; σ and n are drawn unless given."""
+        """Per-image loss of `denoiser` on clean `images`; σ and n are drawn unless given. `class_labels` (one-hot,
+        for conditional models) pass through to the denoiser."""
         if sigma is None:
             sigma = self.sample_sigma(images.shape[0], images.device)
         if noise is None:
             noise = torch.randn_like(images)
         images = images.to(torch.float32)
         sigma = sigma.to(torch.float32)
-        denoised = denoiser(images + append_dims(sigma, images.ndim) * noise, sigma)
+        conditioning = () if class_labels is None else (class_labels,)
+        denoised = denoiser(images + append_dims(sigma, images.ndim) * noise, sigma, *conditioning)
         squared_error = (denoised - images).square().flatten(1).mean(dim=1)
         return self.weight(sigma) * squared_error
 

@@ -70,6 +70,8 @@ class UNetBlock(nn.Module):
         resample: Literal["none", "down", "up"] = "none",
         attention: bool = False,
         channels_per_head: int = 64,
+        label_dim: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.resample = resample
@@ -115,7 +117,7 @@ class UNetBlock(nn.Module):
 
 # EDM SongUNet (DDPM++ configuration): encoder/decoder of residual blocks with skip connections per block.
 class UNet2D(nn.Module):
-    """DDPM++ UNet mapping (noisy image, noise label c_noise) to an image of the same shape.
+    """DDPM++ UNet mapping (noisy image, noise label c_noise[, one-hot class labels]) to an image of the same shape.
 
     Args:
         sample_size: Height and width of the images, in pixels.
@@ -129,6 +131,10 @@ class UNet2D(nn.Module):
         channel_mult_noise: Noise-embedding width as a multiple of model_channels.
         channel_mult_emb: Embedding MLP width as a multiple of model_channels.
         channels_per_head: Channels per attention head.
+        label_dim: Number of classes for class conditioning (0: unconditional). Labels arrive one-hot, (B, label_dim);
+            a row of zeros is the null label that classifier-free guidance needs.
+        label_dropout: Probability, in training, of replacing an image's label by the null label (EDM: 0 for its
+            conditional models; 0.1–0.2 trains a model for guidance).
     """
 
     def __init__(
@@ -144,6 +150,8 @@ class UNet2D(nn.Module):
         channel_mult_noise: int = 1,
         channel_mult_emb: int = 4,
         channels_per_head: int = 64,
+        label_dim: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = dict(
@@ -158,15 +166,22 @@ class UNet2D(nn.Module):
             channel_mult_noise=channel_mult_noise,
             channel_mult_emb=channel_mult_emb,
             channels_per_head=channels_per_head,
+            label_dim=label_dim,
+            label_dropout=label_dropout,
         )
         _check_config(**self.config)
         self.sample_size = sample_size
         self.in_channels = in_channels
+        self.label_dim = label_dim
+        self.label_dropout = label_dropout
 
         noise_channels = model_channels * channel_mult_noise
         emb_channels = model_channels * channel_mult_emb
         embedding = PositionalEmbedding if embedding_type == "positional" else FourierEmbedding
         self.map_noise = embedding(noise_channels)
+        # EDM's SongUNet: a linear class embedding added to the noise embedding (absent, so no new weights, if
+        # unconditional).
+        self.map_label = _init(nn.Linear(label_dim, noise_channels)) if label_dim else None
         self.map_layer0 = _init(nn.Linear(noise_channels, emb_channels))
         self.map_layer1 = _init(nn.Linear(emb_channels, emb_channels))
 
@@ -206,8 +221,12 @@ class UNet2D(nn.Module):
         self.output_norm = _group_norm(channels)
         self.output_conv = _init(nn.Conv2d(channels, in_channels, 3, padding=1), scale=0)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.map_noise(noise_labels.reshape(-1).expand(x.shape[0]))
+        if self.map_label is not None:
+            emb = emb + self.map_label(self._labels(class_labels, x).to(emb.dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(x.dtype)))))
         x = self.input_conv(x)
         skips = [x]
@@ -220,10 +239,23 @@ class UNet2D(nn.Module):
             x = block(x, emb)
         return self.output_conv(F.silu(self.output_norm(x)))
 
+    def _labels(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """One-hot labels scaled by √label_dim as in EDM; None or a zero row is the null label; dropout in training."""
+        if class_labels is None:
+            return x.new_zeros(x.shape[0], self.label_dim)
+        if class_labels.shape != (x.shape[0], self.label_dim):
+            raise ValueError(f"class_labels: expected one-hot rows of shape ({x.shape[0]}, {self.label_dim}), got "
+                             f"{tuple(class_labels.shape)}")
+        labels = class_labels.to(x.dtype)
+        if self.training and self.label_dropout:
+            labels = labels * (torch.rand(x.shape[0], 1, device=x.device) >= self.label_dropout).to(x.dtype)
+        return labels * self.label_dim**0.5
+
 
 def _check_config(
     sample_size: int, in_channels: int, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
-    attn_resolutions: Sequence[int], dropout: float, channels_per_head: int, **_: object,
+    attn_resolutions: Sequence[int], dropout: float, channels_per_head: int, label_dim: int = 0,
+    label_dropout: float = 0.0, **_: object,
 ) -> None:
     """Raise a ConfigError naming the first UNet2D argument that cannot build a network."""
     field = "model.net.init_args"
@@ -249,3 +281,7 @@ def _check_config(
         )
     if not 0 <= dropout < 1:
         raise ConfigError(f"{field}.dropout: {dropout} must be in [0, 1)")
+    if label_dim < 0:
+        raise ConfigError(f"{field}.label_dim: {label_dim} must be 0 (unconditional) or a number of classes")
+    if not 0 <= label_dropout < 1:
+        raise ConfigError(f"{field}.label_dropout: {label_dropout} must be in [0, 1)")

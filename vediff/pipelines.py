@@ -16,8 +16,9 @@ import PIL.Image
 import torch
 from einops import rearrange
 
+from vediff.guidance import conditioned
+from vediff.preconditioning import Denoiser
 from vediff.samplers import (
-    Denoiser,
     Generators,
     noise_from,
     randn,
@@ -42,7 +43,9 @@ class ImagePipeline:
     """What the three pipelines share: the denoiser, its scheduler, saving and loading, devices, input checks,
     initial noise and output format.
 
-    Extra keyword arguments of `__call__`: `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
+    Extra keyword arguments of `__call__`: `class_labels` (class-conditional models: one class index per image, a
+    list or LongTensor), `guidance_scale` (classifier-free guidance w, diffusers' convention: 1 plain conditional, 0
+    unconditional, > 1 guided; default 1), `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
     and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised). A tqdm progress
     bar shows the steps unless `set_progress_bar_config(disable=True)`.
     """
@@ -138,9 +141,15 @@ class ImagePipeline:
             raise ValueError(f"num_inference_steps: {num_inference_steps} must be a positive integer")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-        unknown = set(extra) - {"dtype", "callback"}
+        unknown = set(extra) - {"class_labels", "guidance_scale", "dtype", "callback"}
         if unknown:
-            raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are dtype and callback")
+            raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are class_labels, "
+                             "guidance_scale, dtype and callback")
+
+    def _denoiser(self, batch_size: int, extra: dict[str, Any]) -> Denoiser:
+        """The denoiser the sampler walks: `unet`, or `unet` with the batch's class labels bound and guided."""
+        return conditioned(self.unet, extra.get("class_labels"), extra.get("guidance_scale", 1.0), batch_size,
+                           self.device)
 
     def _initial_noise(self, batch_size: int, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal noise (B, C, H, W) from `generator`, drawn first, before any step's noise."""
@@ -185,9 +194,9 @@ class KarrasVePipeline(ImagePipeline):
         scheduler.set_timesteps(num_inference_steps)
         x = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32)) * scheduler.sigmas[0].item()
         x = sample_karras_ve(
-            self.unet, x, scheduler.sigmas, s_churn=config["s_churn"], s_min=config["s_min"], s_max=config["s_max"],
-            s_noise=config["s_noise"], noise=noise_from(generator), callback=kwargs.get("callback"),
-            progress=self._progress(),
+            self._denoiser(batch_size, kwargs), x, scheduler.sigmas, s_churn=config["s_churn"], s_min=config["s_min"],
+            s_max=config["s_max"], s_noise=config["s_noise"], noise=noise_from(generator),
+            callback=kwargs.get("callback"), progress=self._progress(),
         )
         return self._output(x, output_type, return_dict)
 
@@ -223,7 +232,8 @@ class ScoreSdeVePipeline(ImagePipeline):
         scheduler.set_sigmas(num_inference_steps)
         x = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32)) * scheduler.init_noise_sigma
         x = sample_score_sde_ve(
-            self.unet, x, scheduler.update_sigmas(), snr=config["snr"], correct_steps=config["correct_steps"],
+            self._denoiser(batch_size, kwargs), x, scheduler.update_sigmas(), snr=config["snr"],
+            correct_steps=config["correct_steps"],
             model_sigmas=scheduler.sigmas, per_sample_step_size=config["step_size_per_sample"],
             noise=noise_from(generator), callback=kwargs.get("callback"), progress=self._progress(),
         )
@@ -265,7 +275,7 @@ class DDIMPipeline(ImagePipeline):
         # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame.
         z = self._initial_noise(batch_size, generator, kwargs.get("dtype", torch.float32))
         x = sample_ddim(
-            self.unet, z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
+            self._denoiser(batch_size, kwargs), z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
             clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
             use_clipped_model_output=bool(use_clipped_model_output), noise=noise_from(generator),
             callback=kwargs.get("callback"), progress=self._progress(),

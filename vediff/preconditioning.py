@@ -1,13 +1,16 @@
 """Preconditioned denoisers D(x; σ) of EDM (Karras et al. 2022, Table 1).
 
-Both classes follow the *denoiser contract* used by every vediff sampler: ``forward(x, sigma)`` takes images ``x`` of
-shape (B, C, H, W) and ``sigma`` of shape (B,) or a scalar, and returns the denoised estimate D(x; σ) in float32. They
-expose ``in_channels``, ``sample_size`` and the σ range the model was trained for (``sigma_min``, ``sigma_max``).
+Both classes follow the *denoiser contract*, written down once as the `Denoiser` protocol below and used by every
+vediff sampler, loss, pipeline and guidance wrapper: ``forward(x, sigma, class_labels=None)`` takes images ``x`` of
+shape (B, C, H, W), ``sigma`` of shape (B,) or a scalar and, for class-conditional networks, one-hot labels, and
+returns the denoised estimate D(x; σ) in float32. They expose ``in_channels``, ``sample_size``, ``num_classes`` and
+the σ range the model was trained for (``sigma_min``, ``sigma_max``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +25,27 @@ def check_sigma_range(sigma_min: float, sigma_max: float, owner: str) -> None:
             f"{owner}: sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max}), "
             "which must be finite; fix the values in the config"
         )
+
+
+# The one contract every sampler, loss, pipeline and guidance wrapper relies on.
+@runtime_checkable
+class Denoiser(Protocol):
+    """D(x; σ[, class_labels]): the estimate of the clean images behind noisy images `x` at noise level σ.
+
+    `x` is (B, C, H, W); `sigma` a scalar or (B,); `class_labels`, for conditional models, one-hot rows (B,
+    num_classes) with a zero row meaning "no label" (classifier-free guidance's unconditional pass), None for none.
+    The result is float32, shaped like `x`. `num_classes` is 0 for unconditional models.
+    """
+
+    in_channels: int
+    sample_size: int
+    sigma_min: float
+    sigma_max: float
+    num_classes: int
+
+    def __call__(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class Precond(nn.Module):
@@ -42,15 +66,22 @@ class Precond(nn.Module):
     def sample_size(self) -> int:
         return self.net.sample_size
 
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.net, "label_dim", 0)
+
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (c_skip, c_out, c_in, c_noise) for a float32 σ tensor."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.net(append_dims(c_in, x.ndim) * x, c_noise)
+        conditioning = () if class_labels is None else (class_labels,)
+        F_x = self.net(append_dims(c_in, x.ndim) * x, c_noise, *conditioning)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x.to(torch.float32)
 
 
