@@ -5,6 +5,7 @@
     python sample.py --sampler score_sde_ve --steps 500 --snr 0.16 --seeds 0-999 --npz
     python sample.py --sampler karras_ve --steps 64 --s-churn 40 --s-noise 1.007 --schedule karras --rho 7
     python sample.py --devices 2 --seeds 0-49999 --npz         # seeds split over 2 processes (Lightning Fabric)
+    python sample.py --ckpt cond.ckpt --class-labels 0-9 --guidance 2 --grid   # one row per class, guided
 
 Each image comes from its own seed: the same seed gives the same image whatever --batch-size. Outputs go to --outdir:
 <seed>.png per image, grid.png (--grid; small images enlarged to at least --grid-min-size px, 0 for native size),

@@ -9,6 +9,11 @@ EDM's unconditional CIFAR-10 recipe (DDPM++, EDM preconditioning and loss; all G
     python train.py fit --config cifar10.yaml
     python train.py fit --config cifar10_ve.yaml
 
+Class-conditional (labels from the data, label dropout for classifier-free guidance; sample.py --class-labels):
+
+    python train.py fit --config digits_cond.yaml
+    python train.py fit --config cifar10_cond.yaml
+
 A bare config name that is not a file is looked up in configs/. Any value can be overridden on the command line:
 
     python train.py fit --config digits.yaml --data.batch_size 64 --model.lr 2e-4 --trainer.max_epochs 50

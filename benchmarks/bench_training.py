@@ -67,7 +67,7 @@ def bare_step(steps: int, device: str) -> float:
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=2e-3)
     data = ImageDataModule("digits", image_size=8, batch_size=BATCH, val_size=256)
     data.setup("fit")
-    images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))]).to(device)
+    images = torch.stack([data.train_set[i]["images"] for i in range(len(data.train_set))]).to(device)
     ends = []
     for step in range(steps):
         index = torch.randint(len(images), (BATCH,), device=device)
@@ -88,7 +88,7 @@ def data_only_step(device: str, batches: int = 40) -> float:
     start, count = time.perf_counter(), 0
     while count < batches:
         for batch in loader:
-            batch[0].to(device)
+            batch["images"].to(device)
             count += 1
             if count == batches:
                 break

@@ -14,11 +14,7 @@ from vediff import ConfigError, ImageDataModule
 
 def all_images(module: ImageDataModule) -> torch.Tensor:
     full = module.train_set.dataset
-    return torch.stack([_unwrap(full[i]) for i in range(len(full))])
-
-
-def _unwrap(item):
-    return item[0] if isinstance(item, tuple) else item
+    return torch.stack([full[i]["images"] for i in range(len(full))])
 
 
 def test_digits_are_8x8_grayscale_in_minus_one_to_one():
@@ -28,15 +24,17 @@ def test_digits_are_8x8_grayscale_in_minus_one_to_one():
     assert len(module.val_set) == 97
     assert set(module.train_set.indices).isdisjoint(module.val_set.indices)
     batch = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
-    assert batch.shape == (64, 1, 8, 8)
-    assert batch.min() >= -1 and batch.max() <= 1
-    assert batch.min() == -1  # digit backgrounds are 0 → -1
+    assert sorted(batch) == ["images", "index"]  # unconditional: no labels
+    images = batch["images"]
+    assert images.shape == (64, 1, 8, 8)
+    assert images.min() >= -1 and images.max() <= 1
+    assert images.min() == -1  # digit backgrounds are 0 → -1
 
 
 def test_digits_upscaled_to_rgb_when_asked():
     module = ImageDataModule(dataset="digits", image_size=16, channels=3, val_size=10)
     module.setup("fit")
-    image = _unwrap(module.val_set[0])
+    image = module.val_set[0]["images"]
     assert image.shape == (3, 16, 16)
     torch.testing.assert_close(image[0], image[2])
 
@@ -189,9 +187,9 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     from vediff.checkpoints import AtomicCheckpointIO
 
     class Recording(VEDiffusion):
-        def training_step(self, images, batch_idx):
-            self.batches.append(images.clone())
-            return super().training_step(images, batch_idx)
+        def training_step(self, batch, batch_idx):
+            self.batches.append(batch["images"].clone())
+            return super().training_step(batch, batch_idx)
 
     save_at_step_5 = L.pytorch.callbacks.LambdaCallback(on_train_batch_end=lambda trainer, *_: (
         trainer.save_checkpoint(tmp_path / "mid.ckpt") if trainer.global_step == 5 else None))
@@ -317,3 +315,72 @@ def test_source_name_tells_hugging_face_folders_and_splits_apart(tmp_path):
     folders = {ImageDataModule(dataset="folder", root=str(tmp_path / d)).source_name for d in "ab"}
     assert len(folders) == 2
     assert ImageDataModule(dataset="digits").source_name == "digits"
+
+
+# --- Class labels for conditional training ---------------------------------------------------------------------------
+
+def test_digits_labels_are_scikit_learns_targets():
+    from sklearn.datasets import load_digits
+
+    module = ImageDataModule(dataset="digits", image_size=8, val_size=97, batch_size=64, num_classes=10)
+    module.setup("fit")
+    targets = load_digits().target
+    example = module.train_set[5]
+    assert example["labels"] == targets[module.train_set.indices[5]]
+    batch = next(iter(module.train_dataloader()))
+    assert sorted(batch) == ["images", "index", "labels"]
+    assert torch.equal(batch["labels"], torch.as_tensor(targets[batch["index"].numpy()]))
+
+
+def test_cifar10_labels_come_with_the_images(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, per_batch=4, monkeypatch=monkeypatch)
+    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), val_size=5, batch_size=4, num_classes=10)
+    module.setup("fit")
+    assert {module.train_set[i]["labels"] for i in range(len(module.train_set))} == {0}  # the fake files' labels
+
+
+def test_folder_labels_follow_the_first_level_of_sub_folders(tmp_path):
+    write_pngs(tmp_path / "cat", count=3)
+    write_pngs(tmp_path / "dog" / "deeper", count=2)
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), image_size=8, val_size=1, batch_size=2,
+                             num_classes=2)
+    module.setup("fit")
+    full = module.train_set.dataset
+    labels = {str(path.relative_to(tmp_path)): full[i]["labels"] for i, path in enumerate(full.images.paths)}
+    assert labels == {"cat/img_00.png": 0, "cat/img_01.png": 0, "cat/img_02.png": 0,
+                      "dog/deeper/img_00.png": 1, "dog/deeper/img_01.png": 1}
+
+
+@pytest.mark.parametrize("layout, num_classes, message", [
+    ("loose file", 2, "lies directly in"),
+    ("two classes", 3, "has 2 class sub-folders"),
+])
+def test_folder_labels_refuse_a_layout_that_does_not_fit(tmp_path, layout, num_classes, message):
+    write_pngs(tmp_path / "a", count=2)
+    write_pngs(tmp_path / "b", count=2)
+    if layout == "loose file":
+        write_pngs(tmp_path, count=1)
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1, num_classes=num_classes)
+    with pytest.raises(ConfigError, match=f"data.num_classes: .*{message}"):
+        module.prepare_data()
+
+
+def test_hugging_face_labels_from_a_column(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_pngs(tmp_path / "images" / "train" / "a", count=2)
+    write_pngs(tmp_path / "images" / "train" / "b", count=3)
+    common = dict(dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"),
+                  image_column="image", hf_cache_dir=str(tmp_path / "cache"), image_size=8, val_size=1, batch_size=2)
+    module = ImageDataModule(**common, num_classes=2)  # imagefolder names its class column "label"
+    module.setup("fit")
+    full = module.train_set.dataset
+    assert sorted(full[i]["labels"] for i in range(len(full))) == [0, 0, 1, 1, 1]
+    with pytest.raises(ConfigError, match=r"data.label_column: 'class' is not a column .*columns: image, label"):
+        ImageDataModule(**common, num_classes=2, label_column="class").prepare_data()
+    with pytest.raises(ConfigError, match=r"data.label_column: 'label' holds 1, not a class index in \[0, 1\)"):
+        ImageDataModule(**common, num_classes=1).prepare_data()
+
+
+def test_known_datasets_refuse_another_number_of_classes():
+    with pytest.raises(ConfigError, match=r"data\.num_classes: digits has 10 classes, not 5"):
+        ImageDataModule(dataset="digits", num_classes=5)

@@ -18,7 +18,7 @@ def digits(tmp_path_factory):
 
 def real_images(module) -> torch.Tensor:
     full = module.train_set.dataset
-    return quantize((torch.stack([full[i][0] for i in range(len(full))]) + 1) / 2)
+    return quantize((torch.stack([full[i]["images"] for i in range(len(full))]) + 1) / 2)
 
 
 def test_real_against_real_is_near_zero_and_noise_is_far(digits):

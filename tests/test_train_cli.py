@@ -139,8 +139,8 @@ def test_every_shipped_config_parses(config, tmp_path):
     printed = yaml.safe_load(result.stdout)
     assert {"trainer", "model", "data", "ema", "checkpoint", "snapshot"} <= printed.keys()
     net = printed["model"]["net"]["init_args"]
-    # Size and channels are linked from the data section, never written twice.
-    assert "sample_size" not in net and "in_channels" not in net
+    # Size, channels and classes are linked from the data section, never written twice.
+    assert "sample_size" not in net and "in_channels" not in net and "label_dim" not in net
 
 
 def test_config_given_as_path_or_bare_name(tmp_path):
@@ -181,6 +181,8 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
     ([*DIGITS, "--data.dataset", "folder", "--data.root", "cut"], "cut/cut.jpg"),
     ([*DIGITS, "--trainer.default_root_dir", "a_file/runs"], "trainer.default_root_dir"),
     ([*DIGITS, "--trainer.devices", "0"], "trainer: "),
+    ([*DIGITS, "--data.num_classes", "5"], "data.num_classes: digits has 10 classes"),
+    ([*DIGITS, "--data.dataset", "folder", "--data.root", "flat", "--data.num_classes", "2"], "lies directly in"),
 ]
 if not torch.cuda.is_available():  # the README's own command on a machine without GPUs
     BAD_INPUT.append((["--config", "cifar10.yaml"], "--trainer.accelerator cpu"))
@@ -201,6 +203,9 @@ def bad_input_folder(tmp_path: Path) -> None:
     (tmp_path / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     torch.save({"state_dict": {}, "hyper_parameters": RunsCode()}, tmp_path / "pickle.ckpt")
     (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "flat").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), "white").save(tmp_path / "flat" / f"{i}.png")
     (tmp_path / "cut").mkdir()
     Image.new("RGB", (8, 8), "white").save(tmp_path / "cut" / "good.png")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
-from vediff.sampling import SamplerConfig, batches, image_grid
+from vediff.sampling import SamplerConfig, batches, cycle_labels, image_grid, uniform_labels
 from vediff.utils import ConfigError, write_atomically
 
 
@@ -156,7 +156,9 @@ class SampleGrids(Callback):
 
     Sampling happens inside the validation loop, where the EMA callback has swapped the averaged weights in, on rank
     zero only (the other ranks go on and meet it at the next collective). Image i of a grid is the image
-    `sample.py --seeds` draws for seed `seed + i`, so grids compare from epoch to epoch and with sample.py.
+    `sample.py --seeds` draws for seed `seed + i`, so grids compare from epoch to epoch and with sample.py. A
+    class-conditional model draws image i as class i mod K (`sample.py --class-labels 0-<K-1>`), one row per class,
+    with each sampler's `guidance_scale`.
 
     Args:
         samplers: Samplers and their settings; σ bounds left unset are the model's training range.
@@ -207,15 +209,18 @@ class SampleGrids(Callback):
 
     def draw(self, trainer: L.Trainer, denoiser: torch.nn.Module) -> None:
         seeds = range(self.seed, self.seed + self.num_images)
+        # A class-conditional model draws image i as class i mod K, one row per class in the grid.
+        labels = cycle_labels(range(denoiser.num_classes), self.num_images) if denoiser.num_classes else None
         step = trainer.global_step
         for config in self.samplers:
             start = time.perf_counter()
             with trainer.precision_plugin.forward_context():
-                images = config.generate(config.pipeline(denoiser), seeds)
+                images = config.generate(config.pipeline(denoiser), seeds, class_labels=labels)
             images = images.float().cpu()  # waits for the device, so the time below is the sampling time
             seconds = time.perf_counter() - start
             # Quantised once, so the PNG and every logger show the same pixels.
-            grid = rearrange(quantize(image_grid(images, min_size=self.min_size)), "c h w -> h w c").numpy()
+            grid = image_grid(images, min_size=self.min_size, class_labels=labels)
+            grid = rearrange(quantize(grid), "c h w -> h w c").numpy()
             path = self.folder / config.label / f"step_{step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, lambda p, grid=grid: PIL.Image.fromarray(grid).save(p, format="PNG"))
@@ -247,7 +252,8 @@ class SampleQuality(Callback):
     Each process samples its share of the seeds and torchmetrics gathers the features. Reference statistics are
     computed once and cached under the data root (`<root>/fid_refs/`). The feature network (Inception, or raw pixels
     for small offline datasets) lives in this callback, never in the module or its checkpoints. Like SampleGrids it
-    samples inside validation, with the EMA weights.
+    samples inside validation, with the EMA weights. A class-conditional model samples classes drawn uniformly (from
+    each image's seed), with the sampler's `guidance_scale`.
 
     Args:
         sampler: The sampler and its settings (σ bounds left unset are the model's training range).
@@ -313,9 +319,11 @@ class SampleQuality(Callback):
         self.metrics.to(pl_module.device)
         pipeline = self.sampler.pipeline(pl_module.denoiser)
         seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
+        num_classes = pl_module.denoiser.num_classes
         for chunk in batches(seeds, self.batch_size):
+            labels = uniform_labels(chunk, num_classes) if num_classes else None  # classes drawn uniformly, seeded
             with trainer.precision_plugin.forward_context():
-                images = self.sampler.generate(pipeline, chunk)
+                images = self.sampler.generate(pipeline, chunk, class_labels=labels)
             self.metrics.add_generated(quantize(images.float()))
         values = self.metrics.compute()  # a collective: every process gets here
         label = self.sampler.label

@@ -34,6 +34,7 @@ class VediffCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides image size and channels; the network is never told twice.
         parser.link_arguments("data.image_size", "model.net.init_args.sample_size")
+        parser.link_arguments("data.num_classes", "model.net.init_args.label_dim")
         parser.link_arguments(
             ("data.dataset", "data.channels"), "model.net.init_args.in_channels", compute_fn=resolve_channels
         )

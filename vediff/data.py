@@ -1,4 +1,4 @@
-"""Image datasets for unconditional diffusion training: images as float tensors in [-1, 1], no labels."""
+"""Image datasets for diffusion training: images as float tensors in [-1, 1], and class labels where asked for."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 import urllib.error
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from vediff.utils import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NATURAL_CHANNELS = {"digits": 1, "cifar10": 3, "huggingface": 3, "folder": 3}
+KNOWN_CLASSES = {"digits": 10, "cifar10": 10}
 
 
 def resolve_channels(dataset: str, channels: int | None) -> int:
@@ -160,18 +162,22 @@ class ImageFolderDataset(Dataset):
             raise ConfigError(message) from None
 
 
-class WithIndex(Dataset):
-    """Each image with its index, so validation noise follows the image, not the batch or process it lands in."""
+class Examples(Dataset):
+    """Each image as a dict: `images`, its `index` (validation noise follows the image, not the batch or process it
+    lands in) and, for labelled data, its class in `labels`."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, images: Dataset, labels: Sequence[int] | None = None) -> None:
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item = self.dataset[index]
-        return (item[0] if isinstance(item, tuple) else item), index
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        item = self.images[index]
+        example = {"images": item[0] if isinstance(item, tuple) else item, "index": index}
+        if self.labels is not None:
+            example["labels"] = int(self.labels[index])
+        return example
 
 
 class ResumableSampler(DistributedSampler):
@@ -198,7 +204,8 @@ class ResumableSampler(DistributedSampler):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images from scikit-learn's digits, CIFAR-10, a Hugging Face dataset or a local folder.
+    """Images, and for class-conditional training their labels, from scikit-learn's digits, CIFAR-10, a Hugging Face
+    dataset or a local folder. Batches are dicts: `images`, `index` and, with `num_classes` > 0, `labels`.
 
     Args:
         dataset: Which source: "digits" (scikit-learn's bundled 8×8 handwritten digits, offline), "cifar10"
@@ -219,6 +226,11 @@ class ImageDataModule(L.LightningDataModule):
         hf_cache_dir: Cache folder for Hugging Face datasets; default: the shared Hugging Face cache (HF_HOME,
             HF_DATASETS_CACHE).
         image_column: Column that holds the images ("img" for uoft-cs/cifar10, "image" for imagefolder).
+        num_classes: Classes for class-conditional training (0: unconditional, no labels). Labels come from the
+            digits' and CIFAR-10's own (10 classes each), a Hugging Face column (`label_column`), or the first level of
+            sub-folders of an image folder (torchvision's ImageFolder layout, classes in sorted order). It is passed
+            to the network as its `label_dim`.
+        label_column: Column that holds the class indices of a Hugging Face dataset ("label" for uoft-cs/cifar10).
     """
 
     def __init__(
@@ -238,6 +250,8 @@ class ImageDataModule(L.LightningDataModule):
         hf_revision: str | None = None,
         hf_cache_dir: str | None = None,
         image_column: str = "img",
+        num_classes: int = 0,
+        label_column: str = "label",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -248,7 +262,14 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_size: {val_size} must be at least 1")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers: {num_workers} must be 0 or more")
+        if num_classes < 0:
+            raise ConfigError(f"data.num_classes: {num_classes} must be 0 (unconditional) or a number of classes")
+        if dataset in KNOWN_CLASSES and num_classes not in (0, KNOWN_CLASSES[dataset]):
+            raise ConfigError(f"data.num_classes: {dataset} has {KNOWN_CLASSES[dataset]} classes, not {num_classes}; "
+                              f"use {KNOWN_CLASSES[dataset]} (conditional) or 0")
         self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.label_column = label_column
         self.dataset_name = dataset
         self.root = Path(root)
         self.image_size = image_size
@@ -308,23 +329,58 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = Subset(full, order[: self.val_size])
         self.train_set = Subset(full, order[self.val_size :])
 
-    def _load(self) -> Dataset:
+    def _load(self) -> Examples:
         transform = ToModelImage(self.image_size, self.channels)
         if self.dataset_name == "digits":
-            return self._digits(transform)
-        if self.dataset_name == "cifar10":
-            return ArrayImages(self._cifar10(download=False).data, transform)
-        if self.dataset_name == "huggingface":
-            return HuggingFaceImages(self._huggingface(), self.hf["column"], transform)
-        return ImageFolderDataset(self.root, transform)
+            images, labels = self._digits(transform)
+        elif self.dataset_name == "cifar10":
+            cifar = self._cifar10(download=False)
+            images, labels = ArrayImages(cifar.data, transform), cifar.targets
+        elif self.dataset_name == "huggingface":
+            table = self._huggingface()
+            images, labels = HuggingFaceImages(table, self.hf["column"], transform), self._hf_labels(table)
+        else:
+            folder = ImageFolderDataset(self.root, transform)
+            images, labels = folder, self._folder_labels(folder.paths)
+        return Examples(images, labels if self.num_classes else None)
 
-    def _digits(self, transform: ToModelImage) -> Dataset:
+    def _digits(self, transform: ToModelImage) -> tuple[Dataset, list[int]]:
         from sklearn.datasets import load_digits
 
         # 8×8 images with values 0…16, shipped inside scikit-learn: the offline quick-start.
-        pixels = load_digits().images
-        images = torch.stack([transform(Image.fromarray((p * (255 / 16)).astype(np.uint8))) for p in pixels])
-        return torch.utils.data.TensorDataset(images)
+        digits = load_digits()
+        images = torch.stack([transform(Image.fromarray((p * (255 / 16)).astype(np.uint8))) for p in digits.images])
+        return torch.utils.data.TensorDataset(images), digits.target.tolist()
+
+    def _folder_labels(self, paths: list[Path]) -> list[int] | None:
+        """ImageFolder's convention: the first sub-folder below the root names the class, classes in sorted order."""
+        if not self.num_classes:
+            return None
+        loose = next((p for p in paths if p.parent == self.root), None)
+        if loose is not None:
+            raise ConfigError(f"data.num_classes: class-conditional training on a folder needs one sub-folder per "
+                              f"class (ImageFolder layout), but '{loose}' lies directly in '{self.root}'")
+        names = [p.relative_to(self.root).parts[0] for p in paths]
+        classes = sorted(set(names))
+        if len(classes) != self.num_classes:
+            raise ConfigError(f"data.num_classes: {self.num_classes}, but '{self.root}' has {len(classes)} class "
+                              f"sub-folders ({', '.join(classes[:12])}); set data.num_classes to {len(classes)}")
+        index = {name: i for i, name in enumerate(classes)}
+        return [index[name] for name in names]
+
+    def _hf_labels(self, table) -> list[int] | None:
+        if not self.num_classes:
+            return None
+        column = self.label_column
+        if column not in table.column_names:
+            raise ConfigError(f"data.label_column: '{column}' is not a column of '{self.hf['name']}' (columns: "
+                              f"{', '.join(table.column_names)}); name the column of class indices")
+        labels = table[column]
+        if not all(isinstance(v, int) and 0 <= v < self.num_classes for v in labels):
+            bad = next(v for v in labels if not (isinstance(v, int) and 0 <= v < self.num_classes))
+            raise ConfigError(f"data.label_column: '{column}' holds {bad!r}, not a class index in "
+                              f"[0, {self.num_classes}); check data.num_classes and the column")
+        return list(labels)
 
     def _cifar10(self, download: bool):
         from torchvision.datasets import CIFAR10
@@ -384,7 +440,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(WithIndex(self.val_set), train=False)
+        return self._loader(self.val_set, train=False)
 
     def state_dict(self) -> dict[str, int]:
         # Saved in every checkpoint by Lightning: where in its epoch a resumed run picks the data up again.
@@ -396,11 +452,7 @@ class ImageDataModule(L.LightningDataModule):
         # Lightning warns that a plain DataLoader cannot resume mid-epoch; ResumableSampler does it here.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        # Training batches arrive as a tensor or a 1-tuple (TensorDataset); validation ones as (images, indices).
-        if isinstance(batch, (list, tuple)) and len(batch) == 2:
-            return tuple(batch)
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         training = self.trainer is not None and self.trainer.training
         if training:  # counted here, when a step takes the batch, not when a loader prefetches it
             epoch = self.trainer.current_epoch
@@ -408,6 +460,7 @@ class ImageDataModule(L.LightningDataModule):
                 self.position = {"epoch": epoch, "batches": 0}
             self.position["batches"] += 1
         if self.hflip and training:
+            images = batch["images"]
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
+            batch = {**batch, "images": torch.where(flip[:, None, None, None], images.flip(-1), images)}
+        return batch

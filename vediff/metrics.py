@@ -191,7 +191,7 @@ def reference_statistics(
     extractor = extractor.to(device)
     total, outer, kept, count = None, None, [], 0
     for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = batch["images"]
         features = extractor(quantize((images.to(device) + 1) / 2)).double()
         total = features.sum(0) if total is None else total + features.sum(0)
         outer = features.T @ features if outer is None else outer + features.T @ features

@@ -9,10 +9,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn import functional as F
 
 from vediff.losses import DenoisingLoss, EDMLoss, VELoss
 from vediff.preconditioning import DEFAULT_SIGMA_RANGE, EDMPrecond, Precond, VEPrecond
 from vediff.utils import ConfigError, check_number
+
+Batch = dict[str, torch.Tensor] | torch.Tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,11 +121,12 @@ class VEDiffusion(L.LightningModule):
         count = sum(p.numel() for p in self.denoiser.net.parameters())
         rank_zero_info(f"{type(self.denoiser.net).__name__}: {count / 1e6:.2f} M parameters")
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, class_labels, _ = self.unpack(batch)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.images_per_step = images.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        loss = self.loss_fn(self.denoiser, images).mean()
+        loss = self.loss_fn(self.denoiser, images, class_labels=class_labels).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/kimg", (self.images_seen + self.images_per_step) / 1000, on_step=True, on_epoch=False)
         # Wall time between consecutive steps covers the whole loop: data, forward, backward, optimizer, callbacks.
@@ -154,20 +158,34 @@ class VEDiffusion(L.LightningModule):
                 "from the last checkpoint with --ckpt_path last after fixing it"
             )
 
-    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Fixed noise and a fixed σ grid make validation curves comparable from epoch to epoch. With image indices
         # (ImageDataModule) the noise follows each image, so the loss does not depend on batch size or device count.
-        images, indices = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        images, class_labels, indices = self.unpack(batch)
         noise = self.validation_noise(images, batch_idx if indices is None else indices)
         sigmas = self.val_sigma_grid.to(images.device)
         losses = torch.stack([
-            self.loss_fn(self.denoiser, images, sigma=sigma.expand(images.shape[0]), noise=noise).mean()
+            self.loss_fn(self.denoiser, images, sigma=sigma.expand(images.shape[0]), noise=noise,
+                         class_labels=class_labels).mean()
             for sigma in sigmas
         ])
         batch_size = images.shape[0]
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=batch_size)
         for sigma, loss in zip(self.val_sigma_grid.tolist(), losses, strict=True):
             self.log(f"val_by_sigma/sigma_{sigma:.3g}", loss, sync_dist=True, batch_size=batch_size)
+
+    def unpack(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Images, one-hot class labels (conditional models) and image indices of a batch: a dict as ImageDataModule
+        gives (`images`, `labels`, `index`), or a bare tensor of images."""
+        if not isinstance(batch, dict):
+            batch = {"images": batch}
+        num_classes = self.denoiser.num_classes
+        labels = batch.get("labels")
+        if num_classes and labels is None:
+            raise ConfigError(f"model.net.init_args.label_dim is {num_classes} but the batches carry no labels; set "
+                              f"data.num_classes to {num_classes} (or train an unconditional network)")
+        one_hot = F.one_hot(labels.long(), num_classes).float() if num_classes else None
+        return batch["images"], one_hot, batch.get("index")
 
     def validation_noise(self, images: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
         """Standard normal noise like `images`, seeded per image index (a tensor) or per batch index (an int)."""

@@ -22,7 +22,17 @@ from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
 from vediff.data import ImageDataModule
 from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
 from vediff.pretrained import load_denoiser_folder
-from vediff.sampling import DEFAULT_STEPS, SamplerConfig, batches, image_grid, parse_seeds, to_uint8
+from vediff.sampling import (
+    DEFAULT_STEPS,
+    SamplerConfig,
+    batches,
+    cycle_labels,
+    image_grid,
+    parse_class_labels,
+    parse_seeds,
+    to_uint8,
+    uniform_labels,
+)
 from vediff.utils import ConfigError, check_writable, fail, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
@@ -47,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
     arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
     arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
+    arg("--class-labels", metavar="CLASSES",
+        help="class-conditional models: classes like 3, 0-9 or 1,5, cycled over the seeds (image i gets the i-th "
+             "class mod their number); --grid then draws one row per class")
+    arg("--guidance", type=float, default=1.0, metavar="W",
+        help="classifier-free guidance scale w (1: plain conditional, 0: unconditional, >1: guided)")
     arg("--batch-size", type=int, default=64, help="images per batch on each device")
     arg("--outdir", default="samples", help="output folder: <seed>.png per image, grid.png, samples.npz")
     arg("--grid", action="store_true", help="also write grid.png with all images")
@@ -91,7 +106,7 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
         sampler=args.sampler, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         s_churn=args.s_churn, s_noise=args.s_noise, s_min=args.s_min, s_max=args.s_max, schedule=args.schedule,
         rho=args.rho, snr=args.snr, correct_steps=args.correct_steps, step_size_per_sample=not args.batch_step_size,
-        eta=args.eta, spacing=args.spacing,
+        eta=args.eta, spacing=args.spacing, guidance_scale=args.guidance,
     )
 
 
@@ -178,6 +193,10 @@ def run(args: argparse.Namespace) -> None:
         denoiser = denoiser_from(checkpoint, ckpt)
     if config.sampler != "ddim":
         config.sigma_range(denoiser)
+    classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
+    if args.guidance != 1 and classes is None and not (args.fid and denoiser.num_classes):
+        raise ConfigError(f"--guidance: {args.guidance} needs --class-labels (a class-conditional model and the "
+                          "classes to draw)")
     if export is not None:
         folder = config.pipeline(denoiser).save_pretrained(export)
         print(f"Exported {ckpt} with {config.sampler} to {folder}/")
@@ -186,6 +205,11 @@ def run(args: argparse.Namespace) -> None:
     del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
     standard = quality is not None and quality[0].dataset_name == "cifar10"
     seeds = seeds or parse_seeds("0-49999" if standard else "0-63")
+    labels, label_source = None, None
+    if classes is not None:
+        labels, label_source = dict(zip(seeds, cycle_labels(classes, len(seeds)), strict=True)), args.class_labels
+    elif quality is not None and denoiser.num_classes:  # FID of a conditional model: classes drawn uniformly
+        labels, label_source = dict(zip(seeds, uniform_labels(seeds, denoiser.num_classes), strict=True)), "uniform"
 
     strategy = "ddp" if args.devices > 1 else "auto"
     try:
@@ -205,8 +229,9 @@ def run(args: argparse.Namespace) -> None:
     mine = seeds[fabric.global_rank :: fabric.world_size]
     with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
         for chunk in batches(mine, args.batch_size):
+            chunk_labels = [labels[seed] for seed in chunk] if labels else None
             with fabric.autocast():
-                images = to_uint8(config.generate(pipeline, chunk)).numpy()
+                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels)).numpy()
             for seed, image in zip(chunk, images, strict=True):
                 save_png(image, image_path(outdir, seed))
             bar.update(len(chunk))
@@ -217,20 +242,22 @@ def run(args: argparse.Namespace) -> None:
             stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
             if args.grid:
                 grid = image_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
-                                  min_size=args.grid_min_size)
+                                  min_size=args.grid_min_size,
+                                  class_labels=[labels[seed] for seed in seeds] if labels else None)
                 write_atomically(outdir / "grid.png", lambda p: save_image(grid, p, format="PNG"))
             if args.npz:
+                extra = {"labels": np.array([labels[seed] for seed in seeds])} if labels else {}
                 write_atomically(outdir / "samples.npz",
-                                 lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds)))
+                                 lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds), **extra))
         seconds = time.perf_counter() - start
         if quality:
-            report_quality(quality, stacked, config, ckpt, outdir, seconds, fabric.device)
+            report_quality(quality, stacked, config, ckpt, outdir, seconds, fabric.device, label_source)
         print(f"Wrote {len(seeds)} images to {outdir}/ ({config.sampler}, {config.nfe} network evaluations per "
               f"image, {seconds:.1f} s)")
 
 
 def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outdir: Path, seconds: float,
-                   device: torch.device) -> None:
+                   device: torch.device, label_source: str | None) -> None:
     """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
     data, metrics, feature = quality
     statistics = reference_statistics(data, metrics.extractor, feature, device=device)
@@ -244,7 +271,8 @@ def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Pa
         "sampler": config.sampler, "settings": settings, "nfe": config.nfe, "num_images": len(images),
         "seconds": round(seconds, 3), "fid": values["fid"], "kid": values["kid"], "kid_std": values["kid_std"],
         "feature": feature, "reference": {"dataset": data.dataset_name, "images": metrics.reference_count},
-        "checkpoint": str(ckpt),
+        "checkpoint": str(ckpt), "class_labels": label_source,
+        "guidance_scale": config.guidance_scale if label_source else None,
     }
     write_atomically(outdir / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     print(f"FID {values['fid']:.3f}, KID {values['kid']:.5f} ({feature} features, {len(images)} images against "

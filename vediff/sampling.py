@@ -44,6 +44,8 @@ class SamplerConfig:
             the batch they are drawn in); false uses diffusers' batch average.
         eta: DDIM η: 0 deterministic, 1 DDPM-like.
         spacing: DDIM timestep spacing: leading, trailing, linspace or quadratic.
+        guidance_scale: Classifier-free guidance w for class-conditional models (1: plain conditional, 0:
+            unconditional); ignored, with no labels, for unconditional ones.
     """
 
     sampler: SamplerName = "karras_ve"
@@ -62,6 +64,7 @@ class SamplerConfig:
     step_size_per_sample: bool = True
     eta: float = 0.0
     spacing: Spacing = "leading"
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sampler not in DEFAULT_STEPS:
@@ -78,6 +81,7 @@ class SamplerConfig:
             check_number(field, getattr(self, field), at_least=0)
         check_number("s_max", self.s_max, at_least=self.s_min, allow_inf=True)
         check_number("rho", self.rho, above=0)
+        check_number("guidance_scale", self.guidance_scale)
         check_count("correct_steps", self.correct_steps, 0)
 
     @property
@@ -120,10 +124,14 @@ class SamplerConfig:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def generate(self, pipeline: ImagePipeline, seeds: Sequence[int], **kwargs) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] for `seeds`, one seeded CPU generator per image."""
+    def generate(
+        self, pipeline: ImagePipeline, seeds: Sequence[int], class_labels: Sequence[int] | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] for `seeds` (and their `class_labels`), one seeded CPU generator per image."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         extra = {"eta": self.eta} if self.sampler == "ddim" else {}
+        if class_labels is not None:
+            extra.update(class_labels=list(class_labels), guidance_scale=self.guidance_scale)
         return pipeline(batch_size=len(seeds), num_inference_steps=self.num_steps, generator=generators,
                         output_type="pt", **extra, **kwargs).images
 
@@ -136,6 +144,7 @@ def batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 MAX_SEED = 2**32 - 1  # EDM's seeds are NumPy's: 32-bit
 MAX_SEEDS = 1_000_000  # images per run; FID's protocol takes 50 000
+LABEL_SEED = 2**40  # class draws use seed + LABEL_SEED, a stream apart from the image noise of the same seed
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -159,12 +168,46 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 512) -> torch.Tensor:
-    """Images (B, C, H, W) in [0, 1] as one grid (C, H', W'), square by default, padding 1.
+def parse_class_labels(text: str, num_classes: int) -> list[int]:
+    """Class lists in the seeds' syntax ("3", "0-9", "1,5"), each within [0, num_classes)."""
+    if num_classes == 0:
+        raise ConfigError("--class-labels: this model is unconditional (trained without labels); leave it out")
+    spans = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ConfigError(f"--class-labels: '{text}' is not a class list like 3, 0-9 or 1,5")
+        spans.append((int(match[1]), int(match[2] or match[1])))
+    if max(last for _, last in spans) >= num_classes:
+        raise ConfigError(f"--class-labels: '{text}' names a class outside 0-{num_classes - 1}")
+    return [label for first, last in spans for label in range(first, last + 1)]
+
+
+def cycle_labels(classes: Sequence[int], count: int) -> list[int]:
+    """Image i gets class `classes[i mod len(classes)]`."""
+    return [classes[i % len(classes)] for i in range(count)]
+
+
+def uniform_labels(seeds: Sequence[int], num_classes: int) -> list[int]:
+    """A uniformly drawn class per seed, from that seed alone: the same for any batch size or process count."""
+    return [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(LABEL_SEED + seed)))
+            for seed in seeds]
+
+
+def image_grid(
+    images: torch.Tensor, nrow: int | None = None, min_size: int = 512, class_labels: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] as one grid (C, H', W'), square by default, padding 1; with `class_labels`, one
+    row per class (in class order, each in image order, short rows left blank at the end).
 
     Small images are enlarged by a whole nearest-neighbour factor until the grid's longer side reaches `min_size`
     pixels (0 keeps the native size), so every pixel stays a sharp square.
     """
+    if class_labels is not None:
+        rows = [[i for i, label in enumerate(class_labels) if label == c] for c in sorted(set(class_labels))]
+        nrow = max(len(row) for row in rows)
+        blank = images.new_zeros(images.shape[1:])
+        images = torch.stack([images[row[j]] if j < len(row) else blank for row in rows for j in range(nrow)])
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
     grid = make_grid(images, nrow=nrow, padding=1)
     factor = max(1, math.ceil(min_size / max(grid.shape[1:]))) if min_size > 0 else 1
