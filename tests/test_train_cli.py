@@ -132,22 +132,30 @@ def test_checkpoint_holds_ema_weights_and_loads_a_ready_denoiser(trained):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def print_config(args: list[str], tmp_path, monkeypatch, capsys) -> str:
+    """`train.py fit ARGS --print_config` through the CLI's own main, in this process; returns what it printed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", *args, "--print_config"])
+    with pytest.raises(SystemExit) as stopped:
+        main(config_dirs=[REPO / "configs"])
+    captured = capsys.readouterr()
+    assert stopped.value.code in (0, None), captured.err[-2000:]
+    return captured.out
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_shipped_config_parses(config, tmp_path):
-    result = run_script("train.py", "fit", "--config", config, "--print_config", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = yaml.safe_load(result.stdout)
+def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
+    printed = yaml.safe_load(print_config(["--config", config], tmp_path, monkeypatch, capsys))
     assert {"trainer", "model", "data", "ema", "checkpoint", "snapshot"} <= printed.keys()
     net = printed["model"]["net"]["init_args"]
     # Size, channels and classes are linked from the data section, never written twice.
     assert "sample_size" not in net and "in_channels" not in net and "label_dim" not in net
 
 
-def test_config_given_as_path_or_bare_name(tmp_path):
-    by_name = run_script("train.py", "fit", "--config", "cifar10.yaml", "--print_config", cwd=tmp_path)
-    by_path = run_script("train.py", "fit", "--config", str(REPO / "configs" / "cifar10.yaml"), "--print_config",
-                         cwd=tmp_path)
-    assert by_name.returncode == 0 and by_name.stdout == by_path.stdout
+def test_config_given_as_path_or_bare_name(tmp_path, monkeypatch, capsys):
+    by_name = print_config(["--config", "cifar10.yaml"], tmp_path, monkeypatch, capsys)
+    by_path = print_config(["--config", str(REPO / "configs" / "cifar10.yaml")], tmp_path, monkeypatch, capsys)
+    assert by_name == by_path and "class_path: vediff.UNet2D" in by_name
 
 
 DIGITS = ["--config", "digits.yaml"]
@@ -236,7 +244,7 @@ def test_bad_input_is_one_clear_line(args, named, tmp_path, monkeypatch, capsys)
     assert tree(tmp_path) == before  # nothing half-written, no code run
 
 
-@pytest.mark.parametrize("row", [2, 21])
+@pytest.mark.parametrize("row", [21])
 def test_bad_input_from_a_real_process(row, tmp_path):
     args, named = BAD_INPUT[row]
     bad_input_folder(tmp_path)
