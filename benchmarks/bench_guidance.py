@@ -54,8 +54,8 @@ def main() -> None:
     body = table(["network (10 classes)", "params", "batch", "unguided ms", "guided ms (w = 2)", "guided / unguided",
                   "guided / two separate calls"], rows)
     body += ("\n\nOne denoiser call each, the fastest of three medians of three, taken in turn. Target: guided ≤ 2.05× "
-             "unguided. A ratio below 2× means the network runs the doubled batch more efficiently; above 2×, less so (the "
-             "last column then shows the batched pass losing to two calls).")
+             "unguided. A ratio below 2× means the network runs the doubled batch more efficiently; above 2×, less "
+             "so (the last column then shows the batched pass losing to two calls).")
     write_section("guidance", "Classifier-free guidance: cost of a guided step", body)
 
 
