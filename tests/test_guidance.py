@@ -200,3 +200,15 @@ def test_a_conditional_unet_trains_and_samples_through_the_pipelines():
     first, again, other = draw([0, 1]), draw(torch.tensor([0, 1])), draw([2, 2])
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, other)
+
+
+def test_the_module_turns_batch_labels_into_one_hot_rows_and_needs_them_when_conditional():
+    from vediff import ConfigError, VEDiffusion
+
+    module = VEDiffusion(tiny_unet(label_dim=3))
+    images = torch.zeros(2, 1, 8, 8)
+    _, labels, index = module.unpack({"images": images, "labels": torch.tensor([2, 0]), "index": torch.tensor([5, 6])})
+    assert labels.tolist() == [[0, 0, 1], [1, 0, 0]] and index.tolist() == [5, 6]
+    with pytest.raises(ConfigError, match=r"set data\.num_classes to 3"):
+        module.unpack(images)
+    assert VEDiffusion(tiny_unet()).unpack(images)[1] is None  # unconditional: labels, if any, are not used

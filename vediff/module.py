@@ -103,8 +103,10 @@ class VEDiffusion(L.LightningModule):
         """Training images consumed so far, over all devices."""
         return self.global_step * self.images_per_step
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        return self.denoiser(x, sigma)
+    def forward(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.denoiser(x, sigma, class_labels)
 
     def setup(self, stage: str) -> None:
         # Lightning calls this after the callbacks' setup (the EMA copy is made of the plain network, not a compiled
