@@ -17,7 +17,7 @@ Every argument is checked before anything is written: a mistake is one line on s
 output folder left behind. Ctrl+C stops with exit status 130; the image files already written are whole.
 """
 
-from vediff.sample_cli import main
+from vediff.cli.sample import main
 
 if __name__ == "__main__":
     main()

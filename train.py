@@ -36,7 +36,7 @@ Checkpoints: lightning_logs/<name>/version_<n>/checkpoints/ (last.ckpt and perio
 
 from pathlib import Path
 
-from vediff.cli import main
+from vediff.cli.train import main
 
 if __name__ == "__main__":
     main(config_dirs=[Path(__file__).resolve().parent / "configs"])

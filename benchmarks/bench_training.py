@@ -23,8 +23,8 @@ from common import synchronize, table, write_section
 from models import DIGITS, parameters
 
 from vediff import EDMLoss, EDMPrecond, HalfLifeEMA, ImageDataModule, UNet2D, VEDiffusion
-from vediff.callbacks import ResumableCheckpoint
-from vediff.checkpoints import AtomicCheckpointIO
+from vediff.training.callbacks import ResumableCheckpoint
+from vediff.training.checkpoints import AtomicCheckpointIO
 
 BATCH, WARMUP = 128, 10
 

@@ -1,11 +1,14 @@
-"""The figures of docs/samplers.md: sample quality against network evaluations for each sampler, and one grid of the
-same seeds drawn by every sampler.
+"""The figures of docs/samplers.md: sample quality against network evaluations for each sampler, one grid of the
+same seeds drawn by every sampler, classifier-free guidance against w, and how confidently a digits classifier
+recognises the samples of both quick starts next to held-out real digits.
 
 Quality is the offline pixel-space Fréchet distance of the samples to the training set (the number the quick-start
-logs as fid/…; lower is better; not comparable to published Inception FIDs). Every point uses the same seeds.
+logs as fid/…; lower is better; not comparable to published Inception FIDs). Recognition is measured by a small MLP
+classifier fitted on 80 % of scikit-learn's digits; its mean confidence on the other 20 % is the bar. Every point uses
+the same seeds.
 
-    python benchmarks/sampler_guide.py                      # trains the quick start first if there is no checkpoint
-    python benchmarks/sampler_guide.py --ckpt path/to/last.ckpt --num-images 1000
+    python benchmarks/sampler_guide.py                      # trains both quick starts first if there are no checkpoints
+    python benchmarks/sampler_guide.py --ckpt path/to/last.ckpt --cond-ckpt path/to/last.ckpt --num-images 1000
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import REPO, machine, table
 from torchvision.utils import make_grid, save_image
 
-from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
-from vediff.data import ImageDataModule
-from vediff.metrics import QualityMetrics, feature_extractor, quantize, reference_statistics
-from vediff.sampling import SamplerConfig, batches
+from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
+from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
+from vediff.training.checkpoints import newest_checkpoint
+from vediff.training.data import ImageDataModule
+from vediff.training.metrics import QualityMetrics, feature_extractor, quantize, reference_statistics
 
 # Each curve: a label, the sampler settings, and the step counts it is measured at.
 CURVES = [
@@ -46,19 +52,59 @@ GRID_ROWS = [("karras_ve", dict(sampler="karras_ve", steps=18)),
              ("ddim η=1", dict(sampler="ddim", steps=50, eta=1.0))]
 
 
-def quick_start_checkpoint() -> Path:
-    found = newest_checkpoint(REPO / "lightning_logs" / "digits")
+# Guidance scales w of the guidance figure, on the conditional quick start (EDM's Heun, 18 steps).
+GUIDANCE_SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
+# Samplers whose samples the recognition table scores, at the guide's recommended settings.
+RECOGNITION_SAMPLERS = [("karras_ve, 18 steps", dict(sampler="karras_ve", steps=18)),
+                        ("ddim η=0, 25 steps", dict(sampler="ddim", steps=25))]
+
+
+def quick_start_checkpoint(name: str) -> Path:
+    """The newest last.ckpt of configs/<name>.yaml's run, trained first if there is none."""
+    found = newest_checkpoint(REPO / "lightning_logs" / name)
     if found is None:
-        print("No quick-start checkpoint: training it (python train.py fit --config digits.yaml)", flush=True)
-        subprocess.run([sys.executable, "train.py", "fit", "--config", "digits.yaml",
+        print(f"No checkpoint of {name}.yaml: training it (python train.py fit --config {name}.yaml)", flush=True)
+        subprocess.run([sys.executable, "train.py", "fit", "--config", f"{name}.yaml",
                         "--trainer.enable_progress_bar", "false"], cwd=REPO, check=True)
-        found = newest_checkpoint(REPO / "lightning_logs" / "digits")
+        found = newest_checkpoint(REPO / "lightning_logs" / name)
     return found
 
 
-def sample(config: SamplerConfig, denoiser, seeds: list[int], batch_size: int) -> torch.Tensor:
+def sample(config: SamplerConfig, denoiser, seeds: list[int], batch_size: int,
+           labels: list[int] | None = None) -> torch.Tensor:
     pipeline = config.pipeline(denoiser)
-    return torch.cat([config.generate(pipeline, chunk) for chunk in batches(seeds, batch_size)])
+    by_seed = dict(zip(seeds, labels, strict=True)) if labels is not None else None
+    return torch.cat([config.generate(pipeline, chunk, class_labels=[by_seed[s] for s in chunk] if by_seed else None)
+                      for chunk in batches(seeds, batch_size)])
+
+
+def digits_classifier():
+    """A small MLP fitted on 80 % of scikit-learn's digits (pixels in [0, 1]), and the held-out 20 % with labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    digits = load_digits()
+    pixels = digits.images.reshape(len(digits.images), -1) / 16
+    train_x, test_x, train_y, test_y = train_test_split(pixels, digits.target, test_size=0.2, random_state=0,
+                                                        stratify=digits.target)
+    classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=2000, random_state=0).fit(train_x, train_y)
+    return classifier, test_x, test_y
+
+
+def recognition(classifier, pixels: np.ndarray, labels=None) -> tuple[float, float | None]:
+    """Mean confidence (the top class's probability, or the requested class's) and accuracy (with labels)."""
+    probabilities = classifier.predict_proba(pixels)
+    if labels is None:
+        return float(probabilities.max(axis=1).mean()), None
+    labels = np.asarray(labels)
+    confidence = probabilities[np.arange(len(labels)), labels].mean()
+    return float(confidence), float((probabilities.argmax(axis=1) == labels).mean())
+
+
+def as_pixels(images: torch.Tensor) -> np.ndarray:
+    """Samples as their PNG files hold them, flattened to [0, 1] rows for the classifier."""
+    return (quantize(images.float()).float() / 255).flatten(1).numpy()
 
 
 def plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
@@ -82,26 +128,92 @@ def plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
     plt.close(figure)
 
 
-def update_guide(guide: Path, body: str) -> None:
-    """Replace the measured table between the tradeoff markers of the guide, if the guide is there."""
+def plot_guidance(rows: list[tuple[float, float, float, float]], path: Path, title: str) -> None:
+    """Accuracy and confidence of the requested class, and pixel FID, against the guidance scale w."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, accuracy, confidence, fid = zip(*rows, strict=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    left.plot(w, accuracy, marker="o", label="requested digit recognised")
+    left.plot(w, confidence, marker="s", label="classifier confidence in it")
+    left.set_xlabel("guidance scale w")
+    left.set_ylim(0, 1.02)
+    left.legend(fontsize=8)
+    right.plot(w, fid, marker="o", color="tab:red")
+    right.set_xlabel("guidance scale w")
+    right.set_ylabel("pixel FID to the training set")
+    for axes in (left, right):
+        axes.grid(True, alpha=0.3)
+        axes.axvline(1.0, color="gray", lw=0.8, ls="--")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def update_guide(guide: Path, body: str, marker: str = "tradeoff") -> None:
+    """Replace the measured table between the `marker` comments of the guide, if the guide is there."""
     if not guide.is_file():
         return
-    pattern = re.compile(r"<!-- tradeoff:start -->.*?<!-- tradeoff:end -->", re.S)
-    guide.write_text(pattern.sub(lambda _: f"<!-- tradeoff:start -->\n{body.strip()}\n<!-- tradeoff:end -->",
+    pattern = re.compile(rf"<!-- {marker}:start -->.*?<!-- {marker}:end -->", re.S)
+    guide.write_text(pattern.sub(lambda _: f"<!-- {marker}:start -->\n{body.strip()}\n<!-- {marker}:end -->",
                                  guide.read_text()))
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
+def measure_conditional(args, ckpt: Path, metrics: QualityMetrics, classifier) -> list[list[str]]:
+    """The guidance sweep (figure and table) on the conditional quick start; returns its recognition rows."""
+    denoiser = denoiser_from_checkpoint(read_checkpoint(ckpt), ckpt)
+    seeds = list(range(args.num_images))
+    labels = uniform_labels(seeds, denoiser.num_classes)  # the class mix of FID during training
+    rows, sweep = [], []
+    for w in GUIDANCE_SCALES:
+        config = SamplerConfig(sampler="karras_ve", steps=18, guidance_scale=w)
+        images = sample(config, denoiser, seeds, args.batch_size, labels)
+        confidence, accuracy = recognition(classifier, as_pixels(images), labels)
+        metrics.add_generated(quantize(images.float()))
+        fid = metrics.compute()["fid"]
+        sweep.append((w, accuracy, confidence, fid))
+        rows.append([f"{w:g}", f"{accuracy:.3f}", f"{confidence:.3f}", f"{fid:.3f}"])
+        print(f"w {w:3.1f}  accuracy {accuracy:.3f}  confidence {confidence:.3f}  FID {fid:.3f}", flush=True)
+    plot_guidance(sweep, args.outdir / "guidance.png",
+                  f"{ckpt.name} of digits_cond.yaml, EDM Heun 18 steps, {args.num_images} images per point")
+    body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} images per row (classes drawn "
+            f"uniformly), checkpoint `{relative(ckpt)}`:\n\n"
+            + table(["w", "requested digit recognised", "confidence in it", "pixel FID"], rows))
+    print(body)
+    update_guide(args.outdir / "samplers.md", body, "guidance")
+    recognised = []
+    for label, settings in RECOGNITION_SAMPLERS:
+        for w in (1.0, 2.0):
+            images = sample(SamplerConfig(guidance_scale=w, **settings), denoiser, seeds, args.batch_size,
+                            cycle_labels(range(10), len(seeds)))
+            confidence, accuracy = recognition(classifier, as_pixels(images), cycle_labels(range(10), len(seeds)))
+            recognised.append([f"conditional quick start, {label}, w = {w:g}", f"{confidence:.3f}",
+                               f"{accuracy:.3f}"])
+    return recognised
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, help="default: the quick start's newest last.ckpt (trained if missing)")
+    parser.add_argument("--cond-ckpt", type=Path,
+                        help="default: digits_cond.yaml's newest last.ckpt (trained if missing)")
+    parser.add_argument("--skip-tradeoff", action="store_true", help="only the guidance and recognition figures")
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--max-steps", type=int, default=50, help="leave out step counts above this (for a quick run)")
     parser.add_argument("--outdir", type=Path, default=REPO / "docs")
     args = parser.parse_args()
-    ckpt = args.ckpt or quick_start_checkpoint()
+    ckpt = args.ckpt or quick_start_checkpoint("digits")
     checkpoint = read_checkpoint(ckpt)
-    denoiser = denoiser_from(checkpoint, ckpt)
+    denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
     data = ImageDataModule(**{k: v for k, v in checkpoint["datamodule_hyper_parameters"].items()
                               if k in ImageDataModule.__init__.__code__.co_varnames})
     extractor = feature_extractor("pixels", data.channels, data.image_size)
@@ -109,6 +221,29 @@ def main() -> None:
     metrics.set_reference(reference_statistics(data, extractor, "pixels"))
     seeds = list(range(args.num_images))
 
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    if not args.skip_tradeoff:
+        measure_tradeoff(args, ckpt, denoiser, data, metrics)
+
+    classifier, real_x, real_y = digits_classifier()
+    rows = [["held-out real digits", f"{recognition(classifier, real_x)[0]:.3f}",
+             f"{recognition(classifier, real_x, real_y)[1]:.3f}"]]
+    for label, settings in RECOGNITION_SAMPLERS:
+        images = sample(SamplerConfig(**settings), denoiser, seeds, args.batch_size)
+        rows.append([f"quick start, {label}", f"{recognition(classifier, as_pixels(images))[0]:.3f}", "–"])
+    cond_ckpt = args.cond_ckpt or quick_start_checkpoint("digits_cond")
+    rows += measure_conditional(args, cond_ckpt, metrics, classifier)
+    body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} samples per row, checkpoints "
+            f"`{relative(ckpt)}` and `{relative(cond_ckpt)}`:\n\n"
+            + table(["images", "mean confidence (top class; conditional: the requested one)",
+                     "recognised as the true or requested digit"], rows))
+    print(body)
+    update_guide(args.outdir / "samplers.md", body, "recognition")
+
+
+def measure_tradeoff(args, ckpt: Path, denoiser, data: ImageDataModule, metrics: QualityMetrics) -> None:
+    """Quality against network evaluations per sampler (figure and table), and the grid of the same seeds."""
+    seeds = list(range(args.num_images))
     points: dict[str, list[tuple[int, float]]] = {}
     rows = []
     for label, settings, step_counts in CURVES:
@@ -123,7 +258,6 @@ def main() -> None:
             rows.append([label, steps, config.nfe, f"{fid:.3f}", f"{seconds:.1f}"])
             print(f"{label:40s} steps {steps:3d}  NFE {config.nfe:4d}  FID {fid:.3f}", flush=True)
 
-    args.outdir.mkdir(parents=True, exist_ok=True)
     title = f"{ckpt.name} of the digits quick start, {args.num_images} images per point"
     plot(points, args.outdir / "sampler_tradeoff.png", title)
     grid_seeds = list(range(10))
@@ -134,7 +268,7 @@ def main() -> None:
     zoom = max(1, 64 // data.image_size)
     save_image(grid.repeat_interleave(zoom, dim=-1).repeat_interleave(zoom, dim=-2), args.outdir / "sampler_grid.png")
     body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} images per row, checkpoint "
-            f"`{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt}`:\n\n"
+            f"`{relative(ckpt)}`:\n\n"
             + table(["sampler", "steps", "evaluations", "pixel FID", "seconds"], rows))
     print(body)
     update_guide(args.outdir / "samplers.md", body)

@@ -162,7 +162,7 @@ def test_bad_sizes():
 
 
 def test_resumable_sampler_shards_an_epoch_without_repeats_and_starts_part_way():
-    from vediff.data import ResumableSampler
+    from vediff.training.data import ResumableSampler
 
     dataset = range(103)
     shards = [list(ResumableSampler(dataset, num_replicas=2, rank=rank, seed=3)) for rank in (0, 1)]
@@ -184,7 +184,7 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     import lightning as L
 
     from vediff import UNet2D, VEDiffusion
-    from vediff.checkpoints import AtomicCheckpointIO
+    from vediff.training.checkpoints import AtomicCheckpointIO
 
     class Recording(VEDiffusion):
         def training_step(self, batch, batch_idx):

@@ -15,7 +15,7 @@ from conftest import REPO, TINY_DIGITS, run_script
 from test_train_cli import scalars
 
 from vediff import ImageDataModule, VEDiffusion
-from vediff.checkpoints import AtomicCheckpointIO, NonFiniteWeightsError
+from vediff.training.checkpoints import AtomicCheckpointIO, NonFiniteWeightsError
 
 # No validation, grids or FID: these tests are about training steps and checkpoints.
 TRAIN_ONLY = [*TINY_DIGITS, "--trainer.limit_val_batches", "0", "--sample_grids.samplers", "[]",

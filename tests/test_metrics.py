@@ -6,7 +6,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from vediff import ImageDataModule, SamplerConfig, UNet2D, VEDiffusion
-from vediff.metrics import QualityMetrics, feature_extractor, quantize, reference_cache_path, reference_statistics
+from vediff.training.metrics import (
+    QualityMetrics,
+    feature_extractor,
+    quantize,
+    reference_cache_path,
+    reference_statistics,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vediff import ConfigError, HalfLifeEMA, UNet2D, VEDiffusion
-from vediff.callbacks import ema_decay
+from vediff.training.callbacks import ema_decay
 
 
 def test_ema_decay_halves_weight_after_one_half_life():
@@ -93,7 +93,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_unet_kwargs):
 
 
 def test_consecutive_nonfinite_steps_stop_training_with_the_step_and_causes(tiny_unet_kwargs):
-    from vediff.module import NonFiniteLossError
+    from vediff.training.module import NonFiniteLossError
 
     module, trainer, _ = fit_with_nans(tiny_unet_kwargs, nan_steps={2, 3, 4, 5}, max_steps=10, max_nonfinite_steps=3)
     with pytest.raises(NonFiniteLossError, match=r"at step 4: .* 3 steps in a row.*model.lr"):

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -23,8 +24,8 @@ from vediff import (
     VEDiffusion,
     VEPrecond,
 )
-from vediff.pretrained import UNET_WEIGHTS
-from vediff.schedulers import Scheduler
+from vediff.pipelines.loading import UNET_WEIGHTS
+from vediff.pipelines.schedulers import Scheduler
 
 PIPELINES = [
     (KarrasVePipeline, lambda: KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0, s_churn=10.0)),
@@ -88,7 +89,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("pipeline_class, _", PIPELINES, ids=IDS)
 def test_from_a_training_checkpoint_uses_its_ema_weights_and_sigma_range(checkpoint, pipeline_class, _, tmp_path):
-    from vediff.checkpoints import load_denoiser
+    from vediff import load_denoiser
 
     pipeline = pipeline_class.from_pretrained(checkpoint)
     ema = torch.load(checkpoint, weights_only=True)["state_dict"]
@@ -153,7 +154,7 @@ def test_truncated_weights_and_damaged_configs_are_clear_errors(denoiser, tmp_pa
     (tmp_path / "pipe" / "unet" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json' is not valid JSON"):
         DDIMPipeline.from_pretrained(tmp_path / "pipe")
-    with pytest.raises(ConfigError, match="neither a pipeline folder"):
+    with pytest.raises(ConfigError, match="does not exist; give a training checkpoint"):
         DDIMPipeline.from_pretrained(tmp_path / "nothing")
 
 
@@ -192,3 +193,19 @@ def test_scheduler_config_round_trips_through_json(scheduler, tmp_path):
         other.from_config(tmp_path)
     with pytest.raises(ConfigError, match="unknown config keys"):
         type(scheduler).from_config({**scheduler.config, "not_a_setting": 1})
+
+
+LEGACY = Path(__file__).parent / "data" / "unconditional_digits.ckpt"  # see tests/data/README.md
+LEGACY_SETTINGS = {"karras_ve": {"s_churn": 10.0}, "score_sde_ve": {}, "ddim": {"eta": 0.5}}
+
+
+def test_a_checkpoint_from_before_the_regroup_loads_and_samples_the_same_images():
+    from vediff import SamplerConfig, load_denoiser
+
+    expected = torch.load(LEGACY.with_name("unconditional_digits_samples.pt"), weights_only=True)
+    denoiser = load_denoiser(LEGACY)
+    assert denoiser.num_classes == 0 and getattr(denoiser.net, "map_label", None) is None
+    for sampler, settings in LEGACY_SETTINGS.items():
+        config = SamplerConfig(sampler=sampler, steps=4, **settings)
+        torch.testing.assert_close(config.generate(config.pipeline(denoiser), [0, 1, 2, 3]), expected[sampler],
+                                   rtol=0, atol=1e-5)

@@ -85,7 +85,7 @@ def test_without_ckpt_the_newest_run_is_used(checkpoint, tmp_path):
 def bad_inputs(tmp_path, checkpoint):
     """The files the bad-input table points at: damaged, foreign and crafted checkpoints and pipeline folders."""
     from vediff import KarrasVePipeline
-    from vediff.pretrained import UNET_CONFIG
+    from vediff.pipelines.loading import UNET_CONFIG
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
@@ -168,7 +168,7 @@ def bad_args(case: str, paths: dict, tmp_path) -> list[str]:
 def test_bad_input_is_one_clear_line_and_writes_nothing(bad_input_folder, case, monkeypatch, capsys):
     # In this process, through the CLI's own main (as sample.py calls it), to keep the table fast; the test below
     # runs rows as real processes.
-    from vediff.sample_cli import main
+    from vediff.cli.sample import main
 
     tmp_path, paths = bad_input_folder
     before = tree(tmp_path)
@@ -263,22 +263,6 @@ def test_export_writes_a_pipeline_folder_that_samples_the_same_images(checkpoint
     assert refused.returncode == 2 and "--fid: the pipeline folder" in refused.stderr
 
 
-def test_the_sampler_guide_script_draws_its_figures(checkpoint, tmp_path):
-    result = run_script("benchmarks/sampler_guide.py", "--ckpt", str(checkpoint), "--num-images", "8",
-                        "--batch-size", "8", "--max-steps", "2", "--outdir", str(tmp_path / "docs"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    plot = Image.open(tmp_path / "docs" / "sampler_tradeoff.png")
-    grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
-    assert plot.size[0] > 400 and plot.size[1] > 300
-    # 10 seeds × 5 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
-    assert grid.size == (8 * (10 * 9 + 1), 8 * (5 * 9 + 1))
-    pixels = np.asarray(grid)
-    assert np.array_equal(pixels, pixels[::8, ::8].repeat(8, axis=0).repeat(8, axis=1))
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "evaluations" not in line]
-    assert len(rows) == 6  # one point per curve at 2 steps
-    assert {row.split("|")[3].strip() for row in rows} == {"3", "4", "2"}  # Heun 2·2−1, PC 2·2, DDIM 2
-
-
 @pytest.fixture(scope="module")
 def conditional_checkpoint(tmp_path_factory):
     """digits_cond.yaml, narrowed to 16 channels and 150 steps (about half a minute): enough to learn the classes."""
@@ -346,3 +330,42 @@ def test_class_labels_and_guidance_from_the_command_line(conditional_checkpoint,
     assert fid.returncode == 0, fid.stderr[-3000:]
     report = json.loads((tmp_path / "fid" / "metrics.json").read_text())
     assert (report["class_labels"], report["guidance_scale"]) == ("uniform", 1.5)
+
+
+def markdown_tables(text: str) -> dict[str, list[list[str]]]:
+    """The markdown tables in `text`, by their header line: rows of stripped cells."""
+    tables, header = {}, None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = line
+            tables[header] = []
+        elif not line.startswith("|---"):
+            tables[header].append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_checkpoint, tmp_path):
+    cond_ckpt = conditional_checkpoint / "checkpoints" / "last.ckpt"
+    result = run_script("benchmarks/sampler_guide.py", "--ckpt", str(checkpoint), "--cond-ckpt", str(cond_ckpt),
+                        "--num-images", "20", "--batch-size", "20", "--max-steps", "2", "--outdir",
+                        str(tmp_path / "docs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plot = Image.open(tmp_path / "docs" / "sampler_tradeoff.png")
+    grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
+    assert plot.size[0] > 400 and plot.size[1] > 300
+    assert Image.open(tmp_path / "docs" / "guidance.png").size[0] > 400
+    # 10 seeds × 5 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
+    assert grid.size == (8 * (10 * 9 + 1), 8 * (5 * 9 + 1))
+    pixels = np.asarray(grid)
+    assert np.array_equal(pixels, pixels[::8, ::8].repeat(8, axis=0).repeat(8, axis=1))
+    tradeoff, guidance, recognition = markdown_tables(result.stdout).values()
+    assert len(tradeoff) == 6  # one point per curve at 2 steps
+    assert {row[2] for row in tradeoff} == {"3", "4", "2"}  # Heun 2·2−1, PC 2·2, DDIM 2
+    accuracy = {float(row[0]): float(row[1]) for row in guidance}
+    assert list(accuracy) == [0, 0.5, 1, 1.5, 2, 3, 4]
+    assert accuracy[2] > accuracy[0] + 0.3  # guidance makes the requested digit recognisable; w = 0 is chance
+    real = recognition[0]
+    assert real[0] == "held-out real digits" and float(real[1]) > 0.9 and float(real[2]) > 0.9
+    assert len(recognition) == 1 + 2 + 4  # real digits, two unconditional samplers, two conditional at w = 1 and 2

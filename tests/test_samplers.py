@@ -23,7 +23,7 @@ from vediff import (
     sample_ddim,
     sample_karras_ve,
 )
-from vediff.schedules import ddim_timesteps, karras_sigmas, ve_sigmas
+from vediff.sampling.schedules import ddim_timesteps, karras_sigmas, ve_sigmas
 
 MU, SD = 0.1, 0.25  # Gaussian test data N(μ, s²) per pixel, well inside [-1, 1]
 
@@ -306,7 +306,7 @@ SAMPLER_CONFIG_ERRORS = [
     (dict(sigma_min=math.nan), "sigma_min: nan is not a number"),
     (dict(sigma_min=0.0), "sigma_min: 0.0 must be above 0"),
     (dict(sampler="ddim", eta=math.nan), "eta: nan"),
-    (dict(sampler="ddim", steps=2000), "exceed its 1000 training timesteps"),
+    (dict(sampler="ddim", steps=2000), "exceed the 1000 that ddim allows"),
     (dict(rho=0.0), "rho: 0.0 must be above 0"),
     (dict(s_churn=-1.0), "s_churn"),
     (dict(s_min=5.0, s_max=1.0), "s_max: 1.0 must be 5 or more"),

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vediff import VEDiffusion
-from vediff.cli import main
+from vediff.cli.train import main
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,38 +1,46 @@
-"""vediff: train and sample variance-exploding (VE) and EDM-preconditioned diffusion models with PyTorch Lightning."""
+"""vediff: train and sample variance-exploding (VE) and EDM-preconditioned diffusion models with PyTorch Lightning.
 
-from importlib.metadata import PackageNotFoundError, version
+Layers, each importing only those above it:
 
-from vediff.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
-from vediff.data import ImageDataModule
-from vediff.guidance import guided
-from vediff.losses import EDMLoss, VELoss
-from vediff.module import VEDiffusion
-from vediff.network import UNet2D
-from vediff.pipelines import (
+    vediff.models      the denoiser contract, UNet2D, EDM/VE preconditioning, classifier-free guidance
+    vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry
+    vediff.pipelines   diffusers-style schedulers and pipelines, SamplerConfig, denoisers on disk
+    vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics
+    vediff.cli         train.py and sample.py
+"""
+
+from vediff.models.guidance import guided
+from vediff.models.network import UNet2D
+from vediff.models.preconditioning import Denoiser, EDMPrecond, VEPrecond
+from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.loading import load_denoiser
+from vediff.pipelines.pipelines import (
     PIPELINES,
     DDIMPipeline,
     ImagePipeline,
     ImagePipelineOutput,
     KarrasVePipeline,
     ScoreSdeVePipeline,
+    SolverPipeline,
 )
-from vediff.preconditioning import Denoiser, EDMPrecond, VEPrecond
-from vediff.samplers import SAMPLERS, sample_ddim, sample_karras_ve, sample_score_sde_ve
-from vediff.sampling import SamplerConfig
-from vediff.schedulers import (
+from vediff.pipelines.schedulers import (
     DDIMScheduler,
     DDIMSchedulerOutput,
     KarrasVeOutput,
     KarrasVeScheduler,
     ScoreSdeVeScheduler,
     SdeVeOutput,
+    SigmaScheduler,
 )
-from vediff.utils import ConfigError, append_dims
+from vediff.sampling.registry import SAMPLERS, Sampler, Setting
+from vediff.sampling.solvers import sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.training.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
+from vediff.training.data import ImageDataModule
+from vediff.training.losses import EDMLoss, VELoss
+from vediff.training.module import VEDiffusion
+from vediff.utils import ConfigError, append_dims, package_version
 
-try:
-    __version__ = version("vediff")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+__version__ = package_version()
 
 __all__ = [
     "PIPELINES",
@@ -53,16 +61,21 @@ __all__ = [
     "KarrasVeScheduler",
     "SampleGrids",
     "SampleQuality",
+    "Sampler",
     "SamplerConfig",
     "ScoreSdeVePipeline",
     "ScoreSdeVeScheduler",
     "SdeVeOutput",
+    "Setting",
+    "SigmaScheduler",
+    "SolverPipeline",
     "UNet2D",
     "VEDiffusion",
     "VELoss",
     "VEPrecond",
     "append_dims",
     "guided",
+    "load_denoiser",
     "sample_ddim",
     "sample_karras_ve",
     "sample_score_sde_ve",

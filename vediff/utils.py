@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -109,3 +110,34 @@ def sigma_batch(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if sigma.ndim == 0:
         return sigma.expand(x.shape[0])
     return sigma.reshape(-1)
+
+
+def package_version() -> str:
+    """vediff's installed version ("0+unknown" in a source tree that was not installed)."""
+    try:
+        return version("vediff")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def class_path(cls: type) -> str:
+    """The shortest import path of `cls`: `vediff.UNet2D` for vediff's public classes, so files outlive module moves."""
+    import vediff  # the package's public names, imported by the time anything is saved
+
+    if getattr(vediff, cls.__name__, None) is cls:
+        return f"vediff.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def read_yaml(path: str | Path, field: str) -> Any:
+    """The content of a YAML file; an unreadable file or broken YAML is a ConfigError naming `field` and the place."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{field}: cannot read '{path}' ({error})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{field}: '{path}' is not valid YAML{at} ({getattr(error, 'problem', error)})") from None

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vediff.preconditioning import Denoiser
+from vediff.models.preconditioning import Denoiser
 from vediff.utils import check_number, sigma_batch
 
 ClassLabels = Sequence[int] | torch.Tensor

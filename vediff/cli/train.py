@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from vediff.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
-from vediff.checkpoints import CheckpointWriteError, NonFiniteWeightsError, check_same_shapes, read_checkpoint
-from vediff.data import ImageDataModule, resolve_channels
-from vediff.module import NonFiniteLossError, VEDiffusion
-from vediff.utils import ConfigError, check_writable, fail
+from vediff.pipelines.loading import check_same_shapes, read_checkpoint
+from vediff.training.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
+from vediff.training.checkpoints import CheckpointWriteError, NonFiniteWeightsError
+from vediff.training.data import ImageDataModule, resolve_channels
+from vediff.training.module import NonFiniteLossError, VEDiffusion
+from vediff.utils import ConfigError, check_writable, fail, read_yaml
 
 
 class OneLineParser(LightningArgumentParser):
@@ -170,14 +170,7 @@ def _find_config(name: str, config_dirs: Sequence[Path]) -> str:
 
 def check_config_file(path: Path) -> None:
     """An empty, unreadable or non-mapping YAML file is named here rather than reported by its contents alone."""
-    try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--config: cannot read '{path}' ({error})") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"--config: '{path}' is not valid YAML{at} ({getattr(error, 'problem', error)})") from None
+    content = read_yaml(path, "--config")
     if not isinstance(content, dict) or not content:
         what = "is empty" if not content else f"holds a {type(content).__name__}, not a mapping of sections"
         raise ConfigError(f"--config: '{path}' {what}; a config has trainer, model and data sections (see configs/)")
@@ -193,7 +186,7 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
             parser_class=OneLineParser,
             seed_everything_default=0,
             trainer_defaults={
-                "plugins": [{"class_path": "vediff.checkpoints.AtomicCheckpointIO"}],
+                "plugins": [{"class_path": "vediff.training.checkpoints.AtomicCheckpointIO"}],
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "lightning_logs", "name": "vediff"},

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from vediff.data import ImageDataModule
+from vediff.training.data import ImageDataModule
 from vediff.utils import ConfigError
 
 FeatureName = Literal["inception", "pixels"]

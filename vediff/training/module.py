@@ -11,9 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 
-from vediff.losses import DenoisingLoss, EDMLoss, VELoss
-from vediff.preconditioning import DEFAULT_SIGMA_RANGE, EDMPrecond, Precond, VEPrecond
-from vediff.utils import ConfigError, check_number
+from vediff.models.preconditioning import PRECONDITIONINGS, Precond, build_denoiser
+from vediff.training.losses import DenoisingLoss, EDMLoss, VELoss
+from vediff.utils import ConfigError, check_number, class_path
 
 Batch = dict[str, torch.Tensor] | torch.Tensor
 
@@ -72,24 +72,20 @@ class VEDiffusion(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         _store_net_config(self.hparams, net)
-        if precond not in DEFAULT_SIGMA_RANGE:
-            raise ConfigError(f"model.precond: '{precond}' is not one of {sorted(DEFAULT_SIGMA_RANGE)}")
+        if precond not in PRECONDITIONINGS:
+            raise ConfigError(f"model.precond: '{precond}' is not one of {', '.join(PRECONDITIONINGS)}")
         check_number("model.lr", lr, above=0)
         check_number("model.warmup_kimg", warmup_kimg, at_least=0)
         if max_nonfinite_steps < 1:
             raise ConfigError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be at least 1")
         if val_sigmas < 1:
             raise ConfigError(f"model.val_sigmas: {val_sigmas} must be at least 1")
-        default_min, default_max = DEFAULT_SIGMA_RANGE[precond]
-        sigma_min = default_min if sigma_min is None else sigma_min
-        sigma_max = default_max if sigma_max is None else sigma_max
         try:
+            self.denoiser: Precond = build_denoiser(precond, net, sigma_data, sigma_min, sigma_max)
             if precond == "edm":
-                self.denoiser: Precond = EDMPrecond(net, sigma_data, sigma_min, sigma_max)
                 self.loss_fn: DenoisingLoss = EDMLoss(P_mean, P_std, sigma_data)
             else:
-                self.denoiser = VEPrecond(net, sigma_min, sigma_max)
-                self.loss_fn = VELoss(sigma_min, sigma_max)
+                self.loss_fn = VELoss(self.denoiser.sigma_min, self.denoiser.sigma_max)
         except ConfigError as error:
             raise ConfigError(f"model: {error}") from None
         self.val_sigma_grid = self.loss_fn.sigma_quantiles(val_sigmas)
@@ -225,5 +221,5 @@ def _store_net_config(hparams: dict, net: nn.Module) -> None:
     """
     if not isinstance(getattr(net, "config", None), dict):
         raise ConfigError(f"model.net: {type(net).__name__} needs a `config` dict of its constructor arguments")
-    hparams["net"] = {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": net.config}
+    hparams["net"] = {"class_path": class_path(type(net)), "init_args": net.config}
     hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")

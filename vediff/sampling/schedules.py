@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vediff.preconditioning import check_sigma_range
+from vediff.models.preconditioning import check_sigma_range
 
 Spacing = Literal["leading", "trailing", "linspace", "quadratic"]
 

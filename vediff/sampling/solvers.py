@@ -1,10 +1,13 @@
-"""Samplers as plain functions over a σ schedule (k-diffusion style), for any denoiser D(x, sigma).
+"""Solvers: samplers as plain functions over a σ schedule (k-diffusion style), for any denoiser D(x, sigma).
 
 Every sampler has the signature ``sampler(denoiser, x, sigmas, *, noise, callback, progress, **settings)``: `x` is the
 starting noise already scaled to σ_0 (the VE frame), `sigmas` is descending and ends with 0, and the return value is
 the final noise-free sample. Arithmetic runs in `x`'s dtype (float32, or float64 on request); the denoiser's output
 is cast to it. `noise(x)` returns standard normal noise shaped like `x` (see `noise_from`); random draws follow the
 published algorithms' order (EDM, score_sde, diffusers) so seeded runs can be replayed against them.
+
+Each update formula is written once, as a step function below (`euler_step`, `heun_step`, `langevin_step`, …); the
+sampler loops here and the diffusers-style schedulers in `vediff.pipelines.schedulers` both call them.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from vediff.models.preconditioning import Denoiser
 from vediff.utils import append_dims, check_count, check_number
 
-Denoiser = Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]
 Noise = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -63,6 +66,71 @@ def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return denoiser(x, sigma).to(x.dtype)
 
 
+# EDM (Karras et al. 2022) Algorithm 2, lines 5–6: raise the noise level from σ to σ̂ = σ·(1 + γ).
+def churn(x: torch.Tensor, sigma: float, gamma: float, eps: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x̂ = x + √(σ̂² − σ²)·ε with σ̂ = σ·(1 + γ); returns (x̂, σ̂)."""
+    sigma_hat = sigma * (1 + gamma)
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
+
+
+# EDM Algorithm 2, lines 7–8: an Euler step of the probability-flow ODE dx/dσ = (x − D(x; σ))/σ.
+def euler_step(
+    x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x at σ_next, the derivative d = (x − D)/σ at σ)."""
+    d = (x - denoised) / sigma
+    return x + (sigma_next - sigma) * d, d
+
+
+# EDM Algorithm 2, lines 9–11: the second-order (Heun) correction.
+def heun_step(
+    x: torch.Tensor, d: torch.Tensor, x_next: torch.Tensor, denoised_next: torch.Tensor, sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
+    """x + (σ_next − σ)·(d + d′)/2, with d′ = (x_next − D(x_next; σ_next))/σ_next."""
+    d_next = (x_next - denoised_next) / sigma_next
+    return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+
+
+# Song et al. 2021, Algorithm 2 (VE predictor–corrector): Langevin corrector, reverse-diffusion predictor.
+def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, per_sample: bool) -> torch.Tensor:
+    """ε = 2·(snr·‖z‖/‖score‖)², norms per image, averaged over the batch unless `per_sample` (shape (B,))."""
+    score_norm = score.flatten(1).norm(dim=1)
+    noise_norm = z.flatten(1).norm(dim=1)
+    if not per_sample:
+        score_norm, noise_norm = score_norm.mean().expand_as(score_norm), noise_norm.mean().expand_as(noise_norm)
+    return 2 * (snr * noise_norm / score_norm) ** 2
+
+
+def langevin_step(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, snr: float, per_sample: bool) -> torch.Tensor:
+    """One Langevin correction x + ε·score + √(2ε)·z (Song et al. 2021, Algorithm 5)."""
+    step = append_dims(langevin_step_size(score, z, snr, per_sample), x.ndim)
+    return x + step * score + (2 * step).sqrt() * z
+
+
+def reverse_diffusion_step(
+    x: torch.Tensor, score: torch.Tensor, g_squared: float | torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reverse-diffusion predictor x_mean = x + G²·score, x = x_mean + G·z (Song et al. 2021, Algorithm 3);
+    returns (x, x_mean)."""
+    x_mean = x + g_squared * score
+    g = g_squared.sqrt() if torch.is_tensor(g_squared) else math.sqrt(g_squared)
+    return x_mean + g * z, x_mean
+
+
+# DDIM (Song, Meng, Ermon 2021), eq. 12, in the VP frame x = √ᾱ·x_0 + √(1 − ᾱ)·ε.
+def ddim_step(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float, eta: float, z: torch.Tensor | None
+) -> torch.Tensor:
+    """x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − s²)·ε̂ + s·z, with s = η·√((1 − ᾱ_prev)/(1 − ᾱ)·(1 − ᾱ/ᾱ_prev)).
+
+    `z` may be None when η = 0 (no noise is added).
+    """
+    std = eta * math.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
+    x_prev = math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
+    return x_prev + std * z if eta > 0 else x_prev
+
+
 # EDM (Karras et al. 2022) Algorithm 2: stochastic churn, Euler step, second-order (Heun) correction.
 def sample_karras_ve(
     denoiser: Denoiser,
@@ -88,29 +156,17 @@ def sample_karras_ve(
         sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= sigma <= s_max else 0.0
         eps = noise(x) * s_noise  # drawn at every step, also when γ = 0, as EDM's reference does
-        sigma_hat = sigma * (1 + gamma)
-        x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * eps
+        x_hat, sigma_hat = churn(x, sigma, gamma, eps)
         denoised = _denoise(denoiser, x_hat, sigma_hat)
-        d = (x_hat - denoised) / sigma_hat
-        x = x_hat + (sigma_next - sigma_hat) * d
+        x, d = euler_step(x_hat, denoised, sigma_hat, sigma_next)
         if sigma_next != 0:
-            d_next = (x - _denoise(denoiser, x, sigma_next)) / sigma_next
-            x = x_hat + (sigma_next - sigma_hat) * (d + d_next) / 2
+            x = heun_step(x_hat, d, x, _denoise(denoiser, x, sigma_next), sigma_hat, sigma_next)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
     return x
 
 
-# Song et al. 2021, Algorithm 2 (VE predictor–corrector): Langevin corrector, reverse-diffusion predictor.
-def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, per_sample: bool) -> torch.Tensor:
-    """ε = 2·(snr·‖z‖/‖score‖)², norms per image, averaged over the batch unless `per_sample` (shape (B,))."""
-    score_norm = score.flatten(1).norm(dim=1)
-    noise_norm = z.flatten(1).norm(dim=1)
-    if not per_sample:
-        score_norm, noise_norm = score_norm.mean().expand_as(score_norm), noise_norm.mean().expand_as(noise_norm)
-    return 2 * (snr * noise_norm / score_norm) ** 2
-
-
+# Song et al. 2021, Algorithm 2 (VE predictor–corrector).
 def sample_score_sde_ve(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -119,7 +175,7 @@ def sample_score_sde_ve(
     snr: float = 0.16,
     correct_steps: int = 1,
     model_sigmas: torch.Tensor | None = None,
-    per_sample_step_size: bool = False,
+    step_size_per_sample: bool = True,
     noise: Noise | None = None,
     callback: Callback | None = None,
     progress: bool | dict = False,
@@ -128,8 +184,9 @@ def sample_score_sde_ve(
 
     Step i runs `correct_steps` Langevin corrections, then one reverse-diffusion step from σ_i to σ_{i+1}
     (G² = σ_i² − σ_{i+1}²). The score is evaluated at `model_sigmas[i]` (the continuous σ(t_i) of Song et al.'s code; by
-    default σ_i). Returns the last noise-free mean. The batch-averaged Langevin step size of Song et al.'s code couples
-    the images of a batch; `per_sample_step_size` makes each image depend on its own noise only.
+    default σ_i). Returns the last noise-free mean. Song et al.'s code averages the Langevin step size over the batch,
+    which couples the images of a batch; `step_size_per_sample` (the default) makes each image depend on its own noise
+    only.
     """
     check_number("snr", snr, at_least=0)
     check_count("correct_steps", correct_steps, 0)
@@ -141,20 +198,16 @@ def sample_score_sde_ve(
         sigma_model = model_list[i]
         for _ in range(correct_steps):
             score = (_denoise(denoiser, x, sigma_model) - x) / sigma_model**2
-            z = noise(x)
-            step = append_dims(langevin_step_size(score, z, snr, per_sample_step_size), x.ndim)
-            x = x + step * score + (2 * step).sqrt() * z
+            x = langevin_step(x, score, noise(x), snr, step_size_per_sample)
         denoised = _denoise(denoiser, x, sigma_model)
         score = (denoised - x) / sigma_model**2
-        g_squared = sigma_list[i] ** 2 - sigma_list[i + 1] ** 2
-        x_mean = x + g_squared * score
-        x = x_mean + math.sqrt(g_squared) * noise(x)
+        x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - sigma_list[i + 1] ** 2, noise(x))
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma_list[i], "sigma_hat": sigma_model, "denoised": denoised})
     return x_mean
 
 
-# DDIM (Song, Meng, Ermon 2021, eq. 12) written in the VE frame of a σ-denoiser: ᾱ = 1/(1 + σ²).
+# DDIM (Song, Meng, Ermon 2021, eq. 12) written in the VE frame of a σ-denoiser: ᾱ = 1/(1 + σ²), x_ve = x_vp/√ᾱ.
 def sample_ddim(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -182,18 +235,7 @@ def sample_ddim(
             if use_clipped_model_output:
                 eps = (x - denoised) / sigma
         alpha, alpha_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_prev**2)
-        std = eta * math.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
-        direction = math.sqrt(max(1 - alpha_prev - std**2, 0.0))
-        x = denoised + (direction * eps) / math.sqrt(alpha_prev)
-        if eta > 0:
-            x = x + (std / math.sqrt(alpha_prev)) * noise(x)
+        x = ddim_step(denoised, eps, alpha, alpha_prev, eta, noise(x) if eta > 0 else None) / math.sqrt(alpha_prev)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
     return x
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "karras_ve": sample_karras_ve,
-    "score_sde_ve": sample_score_sde_ve,
-    "ddim": sample_ddim,
-}

@@ -1,7 +1,11 @@
 """Schedulers with the API of diffusers 0.42's KarrasVeScheduler, ScoreSdeVeScheduler and DDIMScheduler.
 
 Each keeps its constructor arguments in `config`. The step methods take tensors and return output dataclasses (or
-tuples with `return_dict=False`); `vediff.samplers` holds the same algorithms as loops over a σ schedule.
+tuples with `return_dict=False`). Their arithmetic is the step functions of `vediff.sampling.solvers`, whose sampler
+loops run the same algorithms over a σ schedule.
+
+Constructor and `__call__` defaults are diffusers' own, kept so code written for diffusers behaves the same here;
+vediff's entry points (SamplerConfig, sample.py, the callbacks) take theirs from the sampler registry instead.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ from typing import Any, Literal
 
 import torch
 
-from vediff.preconditioning import check_sigma_range
-from vediff.samplers import Generators, langevin_step_size, randn
-from vediff.schedules import (
+from vediff.models.preconditioning import check_sigma_range
+from vediff.sampling.schedules import (
     Spacing,
     append_zero,
     ddim_alphas_cumprod,
@@ -25,6 +28,16 @@ from vediff.schedules import (
     karras_sigmas,
     score_sde_ve_sigmas,
     ve_sigmas,
+)
+from vediff.sampling.solvers import (
+    Generators,
+    churn,
+    ddim_step,
+    euler_step,
+    heun_step,
+    langevin_step,
+    randn,
+    reverse_diffusion_step,
 )
 from vediff.utils import ConfigError, append_dims, check_number, write_json
 
@@ -64,6 +77,13 @@ class SchedulerOutput(Output):
 class DDIMSchedulerOutput(Output):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+
+def sigma_schedule(config: dict[str, Any], n: int) -> torch.Tensor:
+    """N levels by a scheduler config's `sigma_schedule` ("karras": EDM's ρ schedule, "ve": geometric)."""
+    if config["sigma_schedule"] == "ve":
+        return ve_sigmas(n, config["sigma_min"], config["sigma_max"])
+    return karras_sigmas(n, config["sigma_min"], config["sigma_max"], config["rho"])
 
 
 class Scheduler:
@@ -135,6 +155,7 @@ class KarrasVeScheduler(Scheduler):
         rho: ρ of the "karras" schedule (EDM: 7).
     """
 
+    # diffusers' defaults (EDM Table 5's VE settings), for the reference API only; vediff's are in the registry.
     def __init__(
         self,
         sigma_min: float = 0.02,
@@ -164,11 +185,7 @@ class KarrasVeScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Set N noise levels. `sigmas` is σ_0 … σ_{N−1}, 0 (descending, on the CPU, float64); `timesteps` runs
         N−1 … 0 and `schedule[t]` is σ at timestep t, so `schedule[timesteps[i]] == sigmas[i]`."""
-        c = self.config
-        if c["sigma_schedule"] == "ve":
-            sigmas = ve_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"])
-        else:
-            sigmas = karras_sigmas(num_inference_steps, c["sigma_min"], c["sigma_max"], c["rho"])
+        sigmas = sigma_schedule(self.config, num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self.sigmas = append_zero(sigmas)
         self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
@@ -187,8 +204,7 @@ class KarrasVeScheduler(Scheduler):
         self._require_timesteps()
         sigma = float(sigma)
         eps = self.config["s_noise"] * randn(sample.shape, generator, sample.device).to(sample.dtype)
-        sigma_hat = sigma * (1 + self.gamma(sigma))
-        return sample + math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
+        return churn(sample, sigma, self.gamma(sigma), eps)
 
     def step(
         self,
@@ -200,8 +216,7 @@ class KarrasVeScheduler(Scheduler):
     ) -> KarrasVeOutput | tuple:
         """Euler step from σ̂ to σ_prev (EDM Algorithm 2, lines 7–8)."""
         pred_original_sample = sample_hat + sigma_hat * model_output
-        derivative = (sample_hat - pred_original_sample) / sigma_hat
-        sample_prev = sample_hat + (sigma_prev - sigma_hat) * derivative
+        sample_prev, derivative = euler_step(sample_hat, pred_original_sample, sigma_hat, sigma_prev)
         if not return_dict:
             return sample_prev, derivative
         return KarrasVeOutput(sample_prev, derivative, pred_original_sample)
@@ -218,8 +233,7 @@ class KarrasVeScheduler(Scheduler):
     ) -> KarrasVeOutput | tuple:
         """Heun correction with the derivative at the Euler result (EDM Algorithm 2, lines 9–11)."""
         pred_original_sample = sample_prev + sigma_prev * model_output
-        derivative_corr = (sample_prev - pred_original_sample) / sigma_prev
-        sample_prev = sample_hat + (sigma_prev - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
+        sample_prev = heun_step(sample_hat, derivative, sample_prev, pred_original_sample, sigma_hat, sigma_prev)
         if not return_dict:
             return sample_prev, derivative
         return KarrasVeOutput(sample_prev, derivative, pred_original_sample)
@@ -245,6 +259,7 @@ class ScoreSdeVeScheduler(Scheduler):
             so an image depends only on its own generator (diffusers and score_sde average over the batch).
     """
 
+    # diffusers' defaults (1024-px models, data in [0, 1]), for the reference API only; vediff's are in the registry.
     def __init__(
         self,
         num_train_timesteps: int = 2000,
@@ -301,7 +316,7 @@ class ScoreSdeVeScheduler(Scheduler):
 
     def update_sigmas(self) -> torch.Tensor:
         """The predictor's noise levels per step, σ^d_{k_0}, …, σ^d_{k_{N−1}}, then the level below the last (σ^d_{−1}
-        := 0): the `sigmas` argument of `vediff.samplers.sample_score_sde_ve`."""
+        := 0): the `sigmas` argument of `vediff.sampling.solvers.sample_score_sde_ve`."""
         self._require_timesteps()
         k = self.grid_indices(self.timesteps)
         below = torch.where(k[-1:] > 0, self.discrete_sigmas[(k[-1:] - 1).clamp(min=0)], torch.zeros(1))
@@ -320,10 +335,9 @@ class ScoreSdeVeScheduler(Scheduler):
         k = self.grid_indices(torch.as_tensor(timestep).reshape(-1))
         sigma = self.discrete_sigmas[k]
         below = torch.where(k == 0, torch.zeros_like(sigma), self.discrete_sigmas[(k - 1).clamp(min=0)])
-        diffusion = append_dims((sigma**2 - below**2).sqrt().to(sample.device, sample.dtype), sample.ndim)
+        g_squared = append_dims((sigma**2 - below**2).to(sample.device, sample.dtype), sample.ndim)
         noise = randn(sample.shape, generator, sample.device).to(sample.dtype)
-        prev_sample_mean = sample + diffusion**2 * model_output
-        prev_sample = prev_sample_mean + diffusion * noise
+        prev_sample, prev_sample_mean = reverse_diffusion_step(sample, model_output, g_squared, noise)
         if not return_dict:
             return prev_sample, prev_sample_mean
         return SdeVeOutput(prev_sample, prev_sample_mean)
@@ -338,9 +352,8 @@ class ScoreSdeVeScheduler(Scheduler):
         """Langevin corrector: x = x + ε·score + √(2ε)·z with ε = 2·(snr·‖z‖/‖score‖)²."""
         self._require_timesteps()
         noise = randn(sample.shape, generator, sample.device).to(sample.dtype)
-        step = langevin_step_size(model_output, noise, self.config["snr"], self.config["step_size_per_sample"])
-        step = append_dims(step, sample.ndim)
-        prev_sample = sample + step * model_output + (2 * step).sqrt() * noise
+        prev_sample = langevin_step(sample, model_output, noise, self.config["snr"],
+                                    self.config["step_size_per_sample"])
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample)
@@ -375,6 +388,7 @@ class DDIMScheduler(Scheduler):
         clip_sample_range: Clipping bound for the predicted x0.
     """
 
+    # diffusers' defaults (DDPM's CIFAR-10 schedule), for the reference API only; vediff's are in the registry.
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -426,7 +440,7 @@ class DDIMScheduler(Scheduler):
 
     def sigmas(self) -> torch.Tensor:
         """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the final ᾱ (0 by default):
-        the `sigmas` argument of `vediff.samplers.sample_ddim`."""
+        the `sigmas` argument of `vediff.sampling.solvers.sample_ddim`."""
         self._require_timesteps()
         alphas = [self.alpha_cumprod(int(t)) for t in self.timesteps] + [self.final_alpha_cumprod]
         return ((1 - torch.tensor(alphas, dtype=torch.float64)) / torch.tensor(alphas, dtype=torch.float64)).sqrt()
@@ -453,13 +467,9 @@ class DDIMScheduler(Scheduler):
             pred_original_sample = pred_original_sample.clamp(-bound, bound)
         if use_clipped_model_output:
             eps = (sample - math.sqrt(alpha) * pred_original_sample) / math.sqrt(1 - alpha)
-        std = eta * math.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
-        direction = math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
-        prev_sample = math.sqrt(alpha_prev) * pred_original_sample + direction
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = randn(model_output.shape, generator, model_output.device).to(model_output.dtype)
-            prev_sample = prev_sample + std * variance_noise
+        if eta > 0 and variance_noise is None:
+            variance_noise = randn(model_output.shape, generator, model_output.device).to(model_output.dtype)
+        prev_sample = ddim_step(pred_original_sample, eps, alpha, alpha_prev, eta, variance_noise)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDIMSchedulerOutput(prev_sample, pred_original_sample)
@@ -473,6 +483,38 @@ class DDIMScheduler(Scheduler):
         return self.config["num_train_timesteps"]
 
 
+# EDM (Karras et al. 2022) eq. 5 and Table 1: a σ schedule alone, for solvers that need nothing else.
+class SigmaScheduler(Scheduler):
+    """N noise levels from `sigma_max` to `sigma_min` and a final 0, for `SolverPipeline`: the samplers of the
+    registry that have no diffusers pipeline of their own walk it.
+
+    Args:
+        sigma_min: Smallest noise level of the schedule.
+        sigma_max: Largest noise level; the initial noise is σ_max·z.
+        sigma_schedule: "karras" (EDM's ρ schedule) or "ve" (geometric in σ).
+        rho: ρ of the "karras" schedule.
+    """
+
+    def __init__(
+        self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_schedule: Literal["karras", "ve"] = "karras",
+        rho: float = 7.0,
+    ) -> None:
+        check_sigma_range(sigma_min, sigma_max, "SigmaScheduler")
+        check_number("SigmaScheduler: rho", rho, above=0)
+        if sigma_schedule not in ("ve", "karras"):
+            raise ValueError(f"SigmaScheduler: sigma_schedule '{sigma_schedule}' is not 'karras' or 've'")
+        self._store_config(sigma_min=sigma_min, sigma_max=sigma_max, sigma_schedule=sigma_schedule, rho=rho)
+        self.init_noise_sigma = sigma_max
+        self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """`sigmas` = σ_0 … σ_{N−1}, 0 (float64, CPU); `timesteps` = the N levels σ_i the denoiser is called at."""
+        sigmas = sigma_schedule(self.config, num_inference_steps)
+        self.sigmas = append_zero(sigmas)
+        self.timesteps = sigmas.to(device=device, dtype=torch.float32)
+
+
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.__name__: cls for cls in (KarrasVeScheduler, ScoreSdeVeScheduler, DDIMScheduler)
+    cls.__name__: cls for cls in (KarrasVeScheduler, ScoreSdeVeScheduler, DDIMScheduler, SigmaScheduler)
 }

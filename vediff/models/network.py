@@ -1,6 +1,6 @@
 """UNet2D: the DDPM++ architecture of Song et al. (2021) as configured in EDM (SongUNet, training/networks.py).
 
-The network is the raw F(x; c_noise) of EDM; preconditioning (vediff.preconditioning) turns it into a denoiser.
+The network is the raw F(x; c_noise) of EDM; preconditioning (vediff.models.preconditioning) turns it into a denoiser.
 """
 
 from __future__ import annotations
@@ -285,3 +285,12 @@ def _check_config(
         raise ConfigError(f"{field}.label_dim: {label_dim} must be 0 (unconditional) or a number of classes")
     if not 0 <= label_dropout < 1:
         raise ConfigError(f"{field}.label_dropout: {label_dropout} must be in [0, 1)")
+
+
+# The networks that checkpoints and pipeline folders may name, by class path (module paths of earlier vediff versions
+# included); anything else is refused rather than imported.
+NETWORKS: dict[str, type[nn.Module]] = {
+    "vediff.UNet2D": UNet2D,
+    "vediff.models.network.UNet2D": UNet2D,
+    "vediff.network.UNet2D": UNet2D,  # vediff before the sub-packages
+}

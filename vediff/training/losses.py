@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from vediff.preconditioning import check_sigma_range
+from vediff.models.preconditioning import check_sigma_range
 from vediff.utils import append_dims, check_number
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -16,8 +16,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveragi
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vediff.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
-from vediff.sampling import SamplerConfig, batches, cycle_labels, image_grid, uniform_labels
+from vediff.pipelines.config import SamplerConfig
+from vediff.sampling.grids import image_grid
+from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
+from vediff.training.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
 from vediff.utils import ConfigError, write_atomically
 
 

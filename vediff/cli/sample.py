@@ -18,22 +18,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from vediff.checkpoints import denoiser_from, newest_checkpoint, read_checkpoint
-from vediff.data import ImageDataModule
-from vediff.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
-from vediff.pretrained import load_denoiser_folder
-from vediff.sampling import (
-    DEFAULT_STEPS,
-    SamplerConfig,
-    batches,
-    cycle_labels,
-    image_grid,
-    parse_class_labels,
-    parse_seeds,
-    to_uint8,
-    uniform_labels,
-)
-from vediff.utils import ConfigError, check_writable, fail, write_atomically
+from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
+from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser_folder, read_checkpoint
+from vediff.sampling.grids import image_grid, to_uint8
+from vediff.sampling.registry import SAMPLERS, Setting
+from vediff.sampling.seeds import batches, cycle_labels, parse_class_labels, parse_seeds, uniform_labels
+from vediff.training.checkpoints import newest_checkpoint
+from vediff.training.data import ImageDataModule
+from vediff.training.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
+from vediff.utils import ConfigError, check_writable, fail, read_yaml, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
 
@@ -54,14 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--export", metavar="DIR", help="write the model and the chosen sampler as a pipeline folder "
                                         "(JSON + safetensors, loadable with ImagePipeline.from_pretrained) and exit")
     arg("--overwrite", action="store_true", help="let --export replace an existing pipeline folder")
-    arg("--sampler", choices=list(DEFAULT_STEPS), default="karras_ve", help="sampling algorithm")
-    arg("--steps", type=int, help="sampling steps (default: 18 karras_ve, 200 score_sde_ve, 50 ddim)")
     arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
     arg("--class-labels", metavar="CLASSES",
         help="class-conditional models: classes like 3, 0-9 or 1,5, cycled over the seeds (image i gets the i-th "
              "class mod their number); --grid then draws one row per class")
-    arg("--guidance", type=float, default=1.0, metavar="W",
-        help="classifier-free guidance scale w (1: plain conditional, 0: unconditional, >1: guided)")
     arg("--batch-size", type=int, default=64, help="images per batch on each device")
     arg("--outdir", default="samples", help="output folder: <seed>.png per image, grid.png, samples.npz")
     arg("--grid", action="store_true", help="also write grid.png with all images")
@@ -81,33 +70,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="network precision (sampler arithmetic stays float32)")
     arg("--compile", action="store_true", help="compile the network with torch.compile (pays off for many batches)")
     arg("--channels-last", action="store_true", help="channels-last memory layout for the network")
-    group = parser.add_argument_group("sampler settings (σ bounds default to the model's training range)")
-    setting = group.add_argument
-    setting("--sigma-min", type=float, help="smallest noise level (karras_ve, score_sde_ve)")
-    setting("--sigma-max", type=float, help="largest noise level (karras_ve, score_sde_ve)")
-    setting("--s-churn", type=float, default=0.0, help="karras_ve: S_churn (0: deterministic Heun)")
-    setting("--s-noise", type=float, default=1.0, help="karras_ve: S_noise")
-    setting("--s-min", type=float, default=0.0, help="karras_ve: S_min")
-    setting("--s-max", type=float, default=float("inf"), help="karras_ve: S_max")
-    setting("--schedule", choices=["karras", "ve"], default="karras", help="karras_ve: ρ schedule or geometric (VE)")
-    setting("--rho", type=float, default=7.0, help="karras_ve: ρ of the karras schedule")
-    setting("--snr", type=float, default=0.16, help="score_sde_ve: Langevin signal-to-noise ratio")
-    setting("--correct-steps", type=int, default=1, help="score_sde_ve: corrector steps per predictor step")
-    setting("--batch-step-size", action="store_true",
-            help="score_sde_ve: diffusers' batch-averaged Langevin step size (images then depend on the batch)")
-    setting("--eta", type=float, default=0.0, help="ddim: η (0 deterministic, 1 DDPM-like)")
-    setting("--spacing", choices=["leading", "trailing", "linspace", "quadratic"], default="leading",
-            help="ddim: timestep spacing")
+    add_sampler_arguments(parser)
     return parser
 
 
+# Flags that keep a shorter name than their SamplerConfig field.
+FLAG_NAMES = {"guidance_scale": ["--guidance", "--guidance-scale"]}
+SAMPLER_FIELDS = [setting.name for setting in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())]
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplerConfig field, generated from the sampler registry: a new sampler's settings appear here."""
+    group = parser.add_argument_group(
+        "sampler", "the sampler and its settings, from the sampler registry; flags given here override --config")
+    group.add_argument("--config", metavar="FILE",
+                       help="YAML file holding a sampler block, e.g. the sample_quality.sampler block of a training "
+                            "config: {sampler: karras_ve, steps: 18, s_churn: 0}")
+    for setting in COMMON_SETTINGS:
+        if setting.name != "name":
+            _add_flag(group, setting, setting.doc)
+    owners = {s.name: entry.name for entry in SAMPLERS.values() for s in entry.settings}
+    for setting in REGISTERED_SETTINGS.values():
+        _add_flag(group, setting, f"{owners[setting.name]}: {setting.doc}")
+
+
+def _add_flag(group: argparse._ArgumentGroup, setting: Setting, doc: str) -> None:
+    flags = FLAG_NAMES.get(setting.name, [f"--{setting.name.replace('_', '-')}"])
+    # Unset flags stay out of the namespace, so SamplerConfig's registry defaults (or --config) apply.
+    options: dict = {"dest": setting.name, "default": argparse.SUPPRESS}
+    if setting.type is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif setting.name == "sampler":
+        options["choices"] = list(SAMPLERS)  # the registry as it is now, samplers registered after import included
+    elif setting.choices:
+        options["choices"] = setting.choices
+    else:
+        options["type"] = int if setting.type in (int, int | None) else float
+        options["metavar"] = "N" if options["type"] is int else "X"
+    default = "" if setting.default is None else f" (default: {str(setting.default).lower()})"
+    group.add_argument(*flags, help=doc.replace("%", "%%") + default, **options)
+
+
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(
-        sampler=args.sampler, steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-        s_churn=args.s_churn, s_noise=args.s_noise, s_min=args.s_min, s_max=args.s_max, schedule=args.schedule,
-        rho=args.rho, snr=args.snr, correct_steps=args.correct_steps, step_size_per_sample=not args.batch_step_size,
-        eta=args.eta, spacing=args.spacing, guidance_scale=args.guidance,
-    )
+    """SamplerConfig from --config (if given), then the sampler flags on top; the registry supplies the rest."""
+    values = read_sampler_block(args.config) if args.config else {}
+    values.update({name: getattr(args, name) for name in SAMPLER_FIELDS if hasattr(args, name)})
+    return SamplerConfig(**values)
+
+
+def read_sampler_block(path: str) -> dict:
+    """The sampler block of a YAML file, its keys checked against SamplerConfig's fields."""
+    block = read_yaml(path, "--config")
+    if not isinstance(block, dict) or not isinstance(block.get("sampler", "karras_ve"), str):
+        raise ConfigError(f"--config: '{path}' should hold one sampler block such as {{sampler: karras_ve, steps: 18}}"
+                          " (e.g. the sample_quality.sampler block of a training config)")
+    unknown = sorted(set(block) - set(SAMPLER_FIELDS))
+    if unknown:
+        raise ConfigError(f"--config: '{path}' sets {unknown}, which are not sampler settings; known: "
+                          f"{', '.join(SAMPLER_FIELDS)}")
+    return block
 
 
 def checkpoint_path(given: str | None) -> Path:
@@ -190,13 +211,12 @@ def run(args: argparse.Namespace) -> None:
         denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
     else:
         checkpoint = read_checkpoint(ckpt)
-        denoiser = denoiser_from(checkpoint, ckpt)
-    if config.sampler != "ddim":
-        config.sigma_range(denoiser)
+        denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
+    config.scheduler(denoiser)  # built once here to check the σ range and settings against the model
     classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
-    if args.guidance != 1 and classes is None and not (args.fid and denoiser.num_classes):
-        raise ConfigError(f"--guidance: {args.guidance} needs --class-labels (a class-conditional model and the "
-                          "classes to draw)")
+    if config.guidance_scale != 1 and classes is None and not (args.fid and denoiser.num_classes):
+        raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model and "
+                          "the classes to draw)")
     if export is not None:
         folder = config.pipeline(denoiser).save_pretrained(export)
         print(f"Exported {ckpt} with {config.sampler} to {folder}/")

@@ -1,0 +1,181 @@
+"""The sampler registry is the one source of every sampler's name, defaults and settings: SamplerConfig, sample.py's
+flags, YAML blocks, the pipelines and the solver functions all agree with it, and a sampler added to it is reachable
+everywhere with no other edit."""
+
+import dataclasses
+import inspect
+import itertools
+
+import pytest
+import torch
+import yaml
+
+from vediff import (
+    PIPELINES,
+    SAMPLERS,
+    ConfigError,
+    EDMPrecond,
+    ImagePipeline,
+    Sampler,
+    SamplerConfig,
+    SigmaScheduler,
+    SolverPipeline,
+    UNet2D,
+)
+from vediff.cli.sample import build_parser, sampler_config
+from vediff.pipelines.config import REGISTERED_SETTINGS
+from vediff.sampling.registry import SCHEDULE_SETTINGS, register
+from vediff.sampling.solvers import euler_step
+
+
+class GaussianDenoiser:
+    """The ideal denoiser for data N(μ, 0.25²) per pixel, with the σ range of the denoiser contract."""
+
+    in_channels, sample_size, num_classes, sigma_min, sigma_max = 1, 4, 0, 0.01, 20.0
+
+    def __init__(self, mu: float = 0.1) -> None:
+        self.mu = mu
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return (0.25**2 * x + sigma**2 * self.mu) / (0.25**2 + sigma**2)
+
+
+def parse(*flags: str) -> SamplerConfig:
+    return sampler_config(build_parser().parse_args(list(flags)))
+
+
+def images(config: SamplerConfig, seeds=(0, 1), mu: float = 0.1) -> torch.Tensor:
+    return config.generate(config.pipeline(GaussianDenoiser(mu)), list(seeds))
+
+
+def test_the_registry_is_what_sample_py_offers_and_samplerconfig_holds():
+    parser = build_parser()
+    assert list(next(a for a in parser._actions if a.dest == "sampler").choices) == list(SAMPLERS)
+    fields = {field.name: field for field in dataclasses.fields(SamplerConfig)}
+    dests = {action.dest for action in parser._actions}
+    for entry in SAMPLERS.values():
+        assert SamplerConfig(sampler=entry.name).num_steps == entry.default_steps
+        for setting in entry.settings:
+            assert fields[setting.name].default == setting.default
+            assert setting.name in dests
+            assert setting.doc in SamplerConfig.__doc__  # --help of the training CLI reads this docstring
+
+
+def test_solver_function_defaults_are_the_registry_defaults():
+    shared = 0
+    for entry in SAMPLERS.values():
+        parameters = inspect.signature(entry.solve).parameters
+        for setting in entry.settings:
+            if setting.name in parameters:
+                assert parameters[setting.name].default == setting.default, (entry.name, setting.name)
+                shared += 1
+    assert shared >= 6
+
+
+def test_every_registered_sampler_runs_through_its_pipeline_and_through_solverpipeline():
+    for name in SAMPLERS:
+        pipeline = SamplerConfig(sampler=name, steps=3).pipeline(GaussianDenoiser())
+        assert type(pipeline) is PIPELINES.get(name, SolverPipeline)
+        generic = SolverPipeline(GaussianDenoiser(), SigmaScheduler(0.01, 20.0), name)
+        generic.set_progress_bar_config(disable=True)
+        out = generic(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images
+        assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
+
+
+# A non-default value per registered setting, and settings that make it matter (churn for the churn range, data
+# beyond [−1, 1] for clipping).
+PROBES = {
+    "schedule": ("ve", {}), "rho": (3.0, {}), "s_churn": (40.0, {}), "s_noise": (1.05, {"s_churn": 40.0}),
+    "s_min": (0.5, {"s_churn": 40.0}), "s_max": (2.0, {"s_churn": 40.0}), "snr": (0.3, {}),
+    "correct_steps": (2, {}), "step_size_per_sample": (False, {}), "eta": (1.0, {}), "spacing": ("trailing", {}),
+    "clip_sample": (False, {}),
+}
+DATA_MEAN = {"clip_sample": 1.5}
+
+
+def test_every_setting_has_a_probe():
+    assert set(PROBES) == set(REGISTERED_SETTINGS)
+
+
+@pytest.mark.parametrize("setting", list(PROBES))
+def test_each_setting_reaches_the_images_from_flags_and_from_yaml(setting, tmp_path):
+    owner = next(entry.name for entry in SAMPLERS.values() if setting in {s.name for s in entry.settings})
+    value, base = PROBES[setting]
+
+    def flags(settings: dict) -> list[str]:
+        out = ["--sampler", owner, "--steps", "4"]
+        for key, item in settings.items():
+            flag = f"--{key.replace('_', '-')}"
+            if isinstance(item, bool):
+                out += [flag if item else f"--no-{key.replace('_', '-')}"]
+            else:
+                out += [flag, str(item)]
+        return out
+
+    plain, probed = parse(*flags(base)), parse(*flags({**base, setting: value}))
+    assert getattr(probed, setting) == value and getattr(plain, setting) == REGISTERED_SETTINGS[setting].default
+    mu = DATA_MEAN.get(setting, 0.1)
+    assert not torch.allclose(images(plain, mu=mu), images(probed, mu=mu))
+    # The same block as YAML (--config), and flags on top of it win.
+    block = tmp_path / "sampler.yaml"
+    block.write_text(yaml.safe_dump({"sampler": owner, "steps": 4, **base, setting: value}))
+    assert parse("--config", str(block)) == probed
+    assert parse("--config", str(block), "--steps", "5").steps == 5
+
+
+def write_yaml(path, content) -> str:
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def test_a_bad_sampler_block_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config: .* sets \['stepz'\], which are not sampler settings"):
+        parse("--config", write_yaml(tmp_path / "a.yaml", {"sampler": "ddim", "stepz": 4}))
+    with pytest.raises(ConfigError, match="should hold one sampler block"):
+        parse("--config", write_yaml(tmp_path / "b.yaml", [{"sampler": "ddim"}]))
+    with pytest.raises(ConfigError, match="sampler: 'euler' is not one of karras_ve, score_sde_ve, ddim"):
+        parse("--config", write_yaml(tmp_path / "c.yaml", {"sampler": "euler"}))
+
+
+# --- Adding a sampler is one function and one registry entry --------------------------------------------------------
+
+# Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the Heun correction).
+def sample_euler(denoiser, x, sigmas, *, noise=None, callback=None, progress=False):
+    """Euler steps from σ_i to σ_{i+1}: N evaluations."""
+    sigma_list = [float(s) for s in sigmas]
+    for sigma, sigma_next in itertools.pairwise(sigma_list):
+        x, _ = euler_step(x, denoiser(x, sigma).to(x.dtype), sigma, sigma_next)
+    return x
+
+
+@pytest.fixture
+def euler_registered():
+    register(Sampler(name="euler", solve=sample_euler, summary="Euler (Karras et al. 2022, Algorithm 1)",
+                     default_steps=10, nfe=lambda n, settings: n, settings=SCHEDULE_SETTINGS))
+    yield
+    del SAMPLERS["euler"]
+
+
+def test_a_registered_sampler_is_reachable_from_the_cli_yaml_and_pipelines(euler_registered, tmp_path):
+    config = parse("--sampler", "euler", "--steps", "6", "--rho", "5")
+    assert (config.nfe, config.settings) == (6, {"schedule": "karras", "rho": 5.0})
+    block = write_yaml(tmp_path / "euler.yaml", {"sampler": "euler", "steps": 6, "rho": 5.0})
+    assert parse("--config", block) == config
+    drawn = images(config, seeds=(3, 4))
+    # …equal to the solver run by hand on the same noise and schedule,
+    pipeline = config.pipeline(GaussianDenoiser())
+    assert isinstance(pipeline, SolverPipeline) and pipeline.scheduler.config["rho"] == 5.0
+    pipeline.scheduler.set_timesteps(6)
+    sigmas = pipeline.scheduler.sigmas
+    noise = torch.stack([torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    by_hand = sample_euler(GaussianDenoiser(), noise * sigmas[0].item(), sigmas)
+    torch.testing.assert_close(drawn, ((by_hand + 1) / 2).clamp(0, 1))
+    # …and a pipeline folder remembers which sampler it runs.
+    net = UNet2D(in_channels=1, sample_size=4, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    denoiser = EDMPrecond(net).eval()
+    saved = config.pipeline(denoiser).save_pretrained(tmp_path / "pipe")
+    loaded = ImagePipeline.from_pretrained(saved)
+    assert (type(loaded), loaded.sampler_name, loaded.scheduler.config["rho"]) == (SolverPipeline, "euler", 5.0)
+    assert torch.equal(config.generate(loaded, [0]), config.generate(config.pipeline(denoiser), [0]))

@@ -1,0 +1,1 @@
+"""The command lines behind train.py and sample.py."""

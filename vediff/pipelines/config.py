@@ -1,0 +1,142 @@
+"""SamplerConfig: a sampler and its settings as data (YAML blocks, sample.py flags), built from the sampler registry.
+
+Its fields are the registry's: the shared ones below, then every registered sampler's settings with their types,
+defaults and docs, so a sampler added to `vediff.sampling.registry.SAMPLERS` appears here, in `--help` and in YAML
+without further edits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vediff.pipelines.pipelines import PIPELINES, ImagePipeline, SolverPipeline
+from vediff.pipelines.schedulers import Scheduler
+from vediff.sampling.registry import SAMPLERS, SCHEDULE_SETTINGS, Sampler, SamplerName, Setting
+from vediff.utils import ConfigError, check_count, check_number
+
+# Settings every sampler has; the registry's own settings follow them.
+COMMON_SETTINGS = (
+    Setting("sampler", SamplerName, "karras_ve", f"the algorithm: {', '.join(SAMPLERS)}"),
+    Setting("steps", int | None, None,
+            f"sampling steps N (default: {', '.join(f'{s.default_steps} {s.name}' for s in SAMPLERS.values())})"),
+    Setting("name", str | None, None, "label for logs and files (default: the sampler's name)"),
+    Setting("sigma_min", float | None, None, "smallest noise level (default: the model's training range)"),
+    Setting("sigma_max", float | None, None, "largest noise level (default: the model's training range)"),
+    Setting("guidance_scale", float, 1.0,
+            "classifier-free guidance w for class-conditional models (1: plain conditional, 0: unconditional); "
+            "unused without class labels"),
+)
+
+
+class _SamplerConfigMethods:
+    """The behaviour of SamplerConfig; its fields are generated from the registry below."""
+
+    sampler: str
+    steps: int | None
+    name: str | None
+    sigma_min: float | None
+    sigma_max: float | None
+    guidance_scale: float
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler: '{self.sampler}' is not one of {', '.join(SAMPLERS)}")
+        entry = self.entry
+        if self.steps is not None:
+            check_count("steps", self.steps, 1)
+            if entry.max_steps is not None and self.steps > entry.max_steps:
+                reason = f" ({entry.max_steps_reason})" if entry.max_steps_reason else ""
+                raise ConfigError(f"steps: {self.steps} exceed the {entry.max_steps} that {entry.name} allows{reason}; "
+                                  f"use at most {entry.max_steps}")
+        for field in ("sigma_min", "sigma_max"):
+            if getattr(self, field) is not None:
+                check_number(field, getattr(self, field), above=0)
+        check_number("guidance_scale", self.guidance_scale)
+        values = dataclasses.asdict(self)
+        for setting in REGISTERED_SETTINGS.values():  # all of them: a NaN is a mistake even where it is unused
+            setting.check(values[setting.name], values)
+
+    @property
+    def entry(self) -> Sampler:
+        """The registry entry of this sampler."""
+        return SAMPLERS[self.sampler]
+
+    @property
+    def label(self) -> str:
+        return self.name or self.sampler
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps or self.entry.default_steps
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """This sampler's own settings (not the other samplers')."""
+        return {setting.name: getattr(self, setting.name) for setting in self.entry.settings}
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image (without guidance, which batches its two evaluations into one call)."""
+        return self.entry.nfe(self.num_steps, self.settings)
+
+    def sigma_range(self, denoiser) -> tuple[float, float]:
+        """(σ_min, σ_max): the ones set here, else the denoiser's training range."""
+        low = self.sigma_min if self.sigma_min is not None else float(denoiser.sigma_min)
+        high = self.sigma_max if self.sigma_max is not None else float(denoiser.sigma_max)
+        if not 0 < low < high:
+            raise ConfigError(f"sigma_min ({low}) must be positive and below sigma_max ({high})")
+        return low, high
+
+    def scheduler(self, denoiser) -> Scheduler:
+        """The scheduler for these settings; the σ range defaults to `denoiser`'s."""
+        sigma_range = self.sigma_range(denoiser) if self.entry.uses_sigma_range else None
+        return PIPELINES.get(self.sampler, SolverPipeline).scheduler_for(self.settings, sigma_range)
+
+    def pipeline(self, denoiser) -> ImagePipeline:
+        """The sampler's pipeline (its diffusers counterpart, else a `SolverPipeline`) around `denoiser`, progress bar
+        off."""
+        if self.sampler in PIPELINES:
+            pipeline = PIPELINES[self.sampler](denoiser, self.scheduler(denoiser))
+        else:
+            schedule = {setting.name for setting in SCHEDULE_SETTINGS}
+            solver_settings = {k: v for k, v in self.settings.items() if k not in schedule}
+            pipeline = SolverPipeline(denoiser, self.scheduler(denoiser), self.sampler, **solver_settings)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def generate(
+        self, pipeline: ImagePipeline, seeds: Sequence[int], class_labels: Sequence[int] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] for `seeds` (and their `class_labels`), one seeded CPU generator per image."""
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        extra = {name: self.settings[name] for name in pipeline.call_settings}
+        if class_labels is not None:
+            extra.update(class_labels=list(class_labels), guidance_scale=self.guidance_scale)
+        return pipeline(batch_size=len(seeds), num_inference_steps=self.num_steps, generator=generators,
+                        output_type="pt", **extra, **kwargs).images
+
+
+# Each setting once, in registry order (register() has made sure shared names agree).
+REGISTERED_SETTINGS: dict[str, Setting] = {
+    setting.name: setting for entry in SAMPLERS.values() for setting in entry.settings
+}
+
+
+def _docstring() -> str:
+    lines = ["One sampler and its settings; σ bounds left unset are the model's own training range.", "", "Args:"]
+    lines += [f"    {s.name}: {s.doc[0].upper()}{s.doc[1:]}." for s in COMMON_SETTINGS]
+    for entry in SAMPLERS.values():
+        lines += [f"    {s.name}: {entry.name}: {s.doc}." for s in entry.settings]
+    return "\n".join(lines) + "\n"
+
+
+SamplerConfig = dataclasses.make_dataclass(
+    "SamplerConfig",
+    [(s.name, s.type, dataclasses.field(default=s.default)) for s in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())],
+    bases=(_SamplerConfigMethods,),
+    namespace={"__doc__": _docstring(), "__module__": __name__},
+)

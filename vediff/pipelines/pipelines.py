@@ -1,0 +1,367 @@
+"""Image pipelines with the API of diffusers 0.42's, over any denoiser D(x, sigma[, class_labels]).
+
+`unet` is any module or callable following vediff's denoiser contract (`VEDiffusion.denoiser`, an `EDMPrecond`, an
+analytic denoiser in a test) with `in_channels` and `sample_size` attributes. Images come out in [0, 1].
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from einops import rearrange
+
+from vediff.models.guidance import conditioned
+from vediff.models.preconditioning import Denoiser
+from vediff.pipelines.loading import MODEL_INDEX, SCHEDULER_CONFIG, load_denoiser, read_json, save_denoiser
+from vediff.pipelines.schedulers import (
+    DDIMScheduler,
+    KarrasVeScheduler,
+    Output,
+    Scheduler,
+    ScoreSdeVeScheduler,
+    SigmaScheduler,
+)
+from vediff.sampling.registry import SAMPLERS
+from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.utils import ConfigError, check_number, package_version, write_json
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ImagePipelineOutput(Output):
+    """`images`: a list of PIL images, an array (B, H, W, C) in [0, 1] ("np"), or a tensor (B, C, H, W) ("pt")."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class ImagePipeline:
+    """What the three pipelines share: the denoiser, its scheduler, saving and loading, devices, input checks,
+    initial noise and output format.
+
+    Extra keyword arguments of `__call__`: `class_labels` (class-conditional models: one class index per image, a
+    list or LongTensor), `guidance_scale` (classifier-free guidance w, diffusers' convention: 1 plain conditional, 0
+    unconditional, > 1 guided; default 1), `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
+    and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised). A tqdm progress
+    bar shows the steps unless `set_progress_bar_config(disable=True)`.
+    """
+
+    scheduler_class: type[Scheduler] = Scheduler
+    sampler_name = ""  # the registry entry (vediff.sampling.registry.SAMPLERS) this pipeline runs
+    call_settings: tuple[str, ...] = ()  # registry settings that __call__ takes (diffusers' API), not the scheduler
+
+    def __init__(self, unet: Denoiser, scheduler: Scheduler) -> None:
+        if not isinstance(scheduler, self.scheduler_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.scheduler_class.__name__}, got "
+                            f"{type(scheduler).__name__}; e.g. {type(self).__name__}(unet=other.unet, "
+                            f"scheduler={self.scheduler_class.__name__}())")
+        self.unet = unet
+        self.scheduler = scheduler
+        self._progress_bar_config: dict[str, Any] = {}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The pipeline's parts, to build another pipeline over the same denoiser without copying it:
+        `DDIMPipeline(**{**pipe.components, "scheduler": DDIMScheduler()})`."""
+        return {"unet": self.unet, "scheduler": self.scheduler}
+
+    def to(self, *args: Any, **kwargs: Any) -> ImagePipeline:
+        """Move the denoiser, as `torch.nn.Module.to` does (a device, a dtype or both); returns the pipeline."""
+        if isinstance(self.unet, torch.nn.Module):
+            self.unet.to(*args, **kwargs)
+        return self
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the pipeline as a folder: JSON configs and safetensors weights, no pickle (`vediff.pipelines.loading`).
+
+        The denoiser must be an EDMPrecond or VEPrecond over a vediff network (e.g. `VEDiffusion.denoiser`).
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_denoiser(self.unet, folder)
+        self.scheduler.save_config(folder / "scheduler")
+        index = {"_class_name": type(self).__name__, "_vediff_version": package_version(),
+                 "unet": type(self.unet).__name__, "scheduler": type(self.scheduler).__name__}
+        if self.pipeline_args():
+            index["_pipeline_args"] = self.pipeline_args()
+        write_json(folder / MODEL_INDEX, index)
+        return folder
+
+    def pipeline_args(self) -> dict[str, Any]:
+        """Constructor arguments beyond `unet` and `scheduler`, saved in model_index.json (none for most)."""
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, scheduler: Scheduler | None = None) -> ImagePipeline:
+        """Rebuild a pipeline from a `save_pretrained` folder, or from a vediff training checkpoint (`.ckpt`, its EMA
+        weights). Nothing is unpickled: folders are JSON and safetensors, checkpoints load `weights_only`.
+
+        Called on `ImagePipeline` itself, a folder gives the pipeline class it names. A checkpoint holds no scheduler:
+        the pipeline's default one over the model's σ range is used unless `scheduler` is given.
+        """
+        path = Path(path)
+        if not path.is_dir():  # a checkpoint; load_denoiser refuses anything else with a one-line reason
+            denoiser = load_denoiser(path, field="")
+            if cls is ImagePipeline:
+                raise ConfigError(f"'{path}' is a checkpoint, which names no sampler; call from_pretrained on "
+                                  "KarrasVePipeline, ScoreSdeVePipeline or DDIMPipeline")
+            sigma_range = (denoiser.sigma_min, denoiser.sigma_max)
+            scheduler = scheduler or cls.scheduler_for(SAMPLERS[cls.sampler_name].defaults(), sigma_range)
+            return cls(unet=denoiser, scheduler=scheduler)
+        index = read_json(path / MODEL_INDEX)
+        name = index.get("_class_name")
+        target = PIPELINE_CLASSES.get(name)
+        if target is None or (cls is not ImagePipeline and target is not cls):
+            raise ConfigError(f"'{path}' holds a {name} pipeline, not a {cls.__name__}; load it with "
+                              f"{name}.from_pretrained, then reuse its denoiser: "
+                              f"{cls.__name__}(unet=pipe.unet, scheduler=...)")
+        denoiser = load_denoiser(path, field="")
+        scheduler = scheduler or target.scheduler_class.from_config(path / SCHEDULER_CONFIG)
+        return target(unet=denoiser, scheduler=scheduler, **index.get("_pipeline_args", {}))
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(iter(self.unet.parameters()), None) if isinstance(self.unet, torch.nn.Module) else None
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm progress bar (e.g. `disable=True`)."""
+        self._progress_bar_config = dict(kwargs)
+
+    def _progress(self) -> dict[str, Any]:
+        return {"disable": False, "leave": False, **self._progress_bar_config}
+
+    def _check(self, batch_size: int, num_inference_steps: int, output_type: str, extra: dict[str, Any]) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size} must be a positive integer")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} must be a positive integer")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+        unknown = set(extra) - {"class_labels", "guidance_scale", "dtype", "callback"}
+        if unknown:
+            raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are class_labels, "
+                             "guidance_scale, dtype and callback")
+
+    def _denoiser(self, batch_size: int, extra: dict[str, Any]) -> Denoiser:
+        """The denoiser the sampler walks: `unet`, or `unet` with the batch's class labels bound and guided."""
+        return conditioned(self.unet, extra.get("class_labels"), extra.get("guidance_scale", 1.0), batch_size,
+                           self.device)
+
+    def _initial_noise(self, batch_size: int, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise (B, C, H, W) from `generator`, drawn first, before any step's noise."""
+        shape = (batch_size, self.unet.in_channels, self.unet.sample_size, self.unet.sample_size)
+        return randn(shape, generator, self.device).to(dtype)
+
+    default_steps = 50  # diffusers' default for this pipeline's __call__; vediff's entry points use the registry's
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: Generators = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw `batch_size` images in `num_inference_steps` steps (default: `default_steps`)."""
+        steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        return self._generate(batch_size, steps, generator, output_type, return_dict, kwargs)
+
+    def _generate(self, batch_size: int, steps: int, generator: Generators, output_type: str, return_dict: bool,
+                  extra: dict[str, Any], **settings: Any) -> ImagePipelineOutput | tuple:
+        self._check(batch_size, steps, output_type, extra)
+        z = self._initial_noise(batch_size, generator, extra.get("dtype", torch.float32))
+        solver_options = {"noise": noise_from(generator), "callback": extra.get("callback"),
+                          "progress": self._progress()}
+        x = self._sample(self._denoiser(batch_size, extra), z, steps, solver_options, **settings)
+        return self._output(x, output_type, return_dict)
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any],
+                **settings: Any) -> torch.Tensor:
+        """The sampler's images in the VE frame, from standard normal `z`; `solver_options` go to the solver."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _output(x: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        images = ((x.float() + 1) / 2).clamp(0, 1)
+        if output_type == "np":
+            images = rearrange(images, "b c h w -> b h w c").cpu().numpy()
+        elif output_type == "pil":
+            pixels = (rearrange(images, "b c h w -> b h w c") * 255).round().to(torch.uint8).cpu().numpy()
+            images = [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+        return ImagePipelineOutput(images) if return_dict else (images,)
+
+
+# EDM (Karras et al. 2022) Algorithm 2 with KarrasVeScheduler's σ schedule.
+class KarrasVePipeline(ImagePipeline):
+    """Stochastic sampling of Karras et al. (2022) tailored to VE models: 2N − 1 denoiser evaluations for N steps.
+
+    Args:
+        unet: The denoiser D(x, sigma) (e.g. `VEDiffusion.denoiser`).
+        scheduler: A `KarrasVeScheduler`.
+    """
+
+    scheduler_class = KarrasVeScheduler
+    sampler_name = "karras_ve"
+
+    @classmethod
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> KarrasVeScheduler:
+        """The scheduler for registry settings (`SamplerConfig.settings`) over the σ range (σ_min, σ_max)."""
+        return KarrasVeScheduler(*sigma_range, s_noise=settings["s_noise"], s_churn=settings["s_churn"],
+                                 s_min=settings["s_min"], s_max=settings["s_max"],
+                                 sigma_schedule=settings["schedule"], rho=settings["rho"])
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(steps)
+        return sample_karras_ve(denoiser, z * scheduler.sigmas[0].item(), scheduler.sigmas, s_churn=config["s_churn"],
+                                s_min=config["s_min"], s_max=config["s_max"], s_noise=config["s_noise"],
+                                **solver_options)
+
+
+# Song et al. (2021), predictor–corrector sampling of the VE SDE.
+class ScoreSdeVePipeline(ImagePipeline):
+    """Predictor–corrector sampling of the VE SDE (Song et al. 2021): N·(correct_steps + 1) evaluations.
+
+    The output is the last noise-free mean. The scheduler's σ range should be the model's own (diffusers' defaults
+    suit 1024-px models with data in [0, 1]).
+
+    Args:
+        unet: The denoiser D(x, sigma); its score (D − x)/σ² drives the sampler.
+        scheduler: A `ScoreSdeVeScheduler`.
+    """
+
+    scheduler_class = ScoreSdeVeScheduler
+    sampler_name = "score_sde_ve"
+
+    @classmethod
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> ScoreSdeVeScheduler:
+        """The scheduler for registry settings (`SamplerConfig.settings`) over the σ range (σ_min, σ_max)."""
+        low, high = sigma_range
+        return ScoreSdeVeScheduler(snr=settings["snr"], sigma_min=low, sigma_max=high,
+                                   correct_steps=settings["correct_steps"],
+                                   step_size_per_sample=settings["step_size_per_sample"])
+
+    default_steps = 2000  # diffusers' default; vediff's entry points use the registry's 200
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(steps)
+        scheduler.set_sigmas(steps)
+        return sample_score_sde_ve(denoiser, z * scheduler.init_noise_sigma, scheduler.update_sigmas(),
+                                   snr=config["snr"], correct_steps=config["correct_steps"],
+                                   model_sigmas=scheduler.sigmas, step_size_per_sample=config["step_size_per_sample"],
+                                   **solver_options)
+
+
+# DDIM (Song, Meng, Ermon 2021), run in the VE frame of a σ-denoiser.
+class DDIMPipeline(ImagePipeline):
+    """Denoising diffusion implicit models (Song et al. 2021): N denoiser evaluations.
+
+    The scheduler's DDPM timesteps t become VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t); on the same starting noise the
+    images equal those of the paper's VP-form DDIM with ε̂ = (x − D)/σ.
+
+    Args:
+        unet: The denoiser D(x, sigma).
+        scheduler: A `DDIMScheduler`.
+    """
+
+    scheduler_class = DDIMScheduler
+    sampler_name = "ddim"
+    call_settings = ("eta",)
+
+    @classmethod
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float] | None = None) -> DDIMScheduler:
+        """The scheduler for registry settings; DDIM's noise levels come from its β schedule, not a σ range."""
+        return DDIMScheduler(timestep_spacing=settings["spacing"], clip_sample=settings["clip_sample"])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Generators = None,
+        eta: float = 0.0,
+        num_inference_steps: int = 50,
+        use_clipped_model_output: bool | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        check_number("eta", eta, at_least=0)
+        return self._generate(batch_size, num_inference_steps, generator, output_type, return_dict, kwargs, eta=eta,
+                              use_clipped_model_output=bool(use_clipped_model_output))
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any], eta: float,
+                use_clipped_model_output: bool) -> torch.Tensor:
+        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler.set_timesteps(steps)
+        sigmas = scheduler.sigmas()
+        # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame; the result goes back by 1/√(1 + σ_0²).
+        x = sample_ddim(denoiser, z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
+                        clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
+                        use_clipped_model_output=use_clipped_model_output, **solver_options)
+        return x / math.sqrt(1 + sigmas[-1].item() ** 2)
+
+
+# Karras et al. (2022): any sampler written as a solver over a σ schedule; here, any entry of the sampler registry.
+class SolverPipeline(ImagePipeline):
+    """Any registered sampler (`vediff.SAMPLERS`) over a `SigmaScheduler`'s σ schedule: the pipeline of the samplers
+    that have no diffusers pipeline of their own, and another way to run those that do.
+
+    Args:
+        unet: The denoiser D(x, sigma).
+        scheduler: A `SigmaScheduler`.
+        sampler: The sampler's registry name.
+        settings: Its solver settings (the registry's defaults for any left out).
+    """
+
+    scheduler_class = SigmaScheduler
+
+    def __init__(self, unet: Denoiser, scheduler: SigmaScheduler, sampler: str, **settings: Any) -> None:
+        super().__init__(unet, scheduler)
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}")
+        defaults = SAMPLERS[sampler].defaults()
+        accepted = [name for name in defaults if name in inspect.signature(SAMPLERS[sampler].solve).parameters]
+        unknown = sorted(set(settings) - set(accepted))
+        if unknown:
+            raise ConfigError(f"{sampler}: unknown settings {unknown}; its solver takes {accepted}")
+        self.sampler_name = sampler
+        self.settings = {name: settings.get(name, defaults[name]) for name in accepted}
+
+    def pipeline_args(self) -> dict[str, Any]:
+        return {"sampler": self.sampler_name, **self.settings}
+
+    @classmethod
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> SigmaScheduler:
+        """A σ schedule over (σ_min, σ_max), shaped by the sampler's `schedule` and `rho` settings if it has them."""
+        return SigmaScheduler(*sigma_range, sigma_schedule=settings.get("schedule", "karras"),
+                              rho=settings.get("rho", 7.0))
+
+    @property
+    def default_steps(self) -> int:
+        return SAMPLERS[self.sampler_name].default_steps
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        sigmas = self.scheduler.sigmas
+        return SAMPLERS[self.sampler_name](denoiser, z * sigmas[0].item(), sigmas, **solver_options, **self.settings)
+
+
+# The pipeline of each sampler that has a diffusers counterpart, by the sampler's registry name; the other
+# registered samplers run in SolverPipeline.
+PIPELINES: dict[str, type[ImagePipeline]] = {
+    pipeline.sampler_name: pipeline for pipeline in (KarrasVePipeline, ScoreSdeVePipeline, DDIMPipeline)
+}
+PIPELINE_CLASSES: dict[str, type[ImagePipeline]] = {
+    pipeline.__name__: pipeline for pipeline in (*PIPELINES.values(), SolverPipeline)
+}

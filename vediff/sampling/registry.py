@@ -1,0 +1,159 @@
+"""The sampler registry: one entry per sampler, the only place a sampler's name, defaults and settings are written.
+
+`SamplerConfig` (its fields and their docs), `sample.py`'s flags, the YAML blocks of the grid and FID callbacks, the
+pipelines and the docs all read `SAMPLERS`. Adding a sampler is one solver function in `vediff.sampling.solvers`, one
+`Sampler` entry here and its tests; see the README's "Adding a sampler".
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from vediff.sampling.schedules import Spacing
+from vediff.sampling.solvers import sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.utils import ConfigError, check_count, check_number
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One sampler setting: it becomes a `SamplerConfig` field and a `sample.py` flag with this type, default and doc.
+
+    `at_least` is an inclusive lower bound (a number, or the name of another setting whose value bounds this one),
+    `above` an exclusive one.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    at_least: float | str | None = None
+    above: float | None = None
+
+    def check(self, value: Any, settings: Mapping[str, Any]) -> None:
+        """Raise a ConfigError naming the setting unless `value` has its type and lies within its bound."""
+        if self.type is int:
+            check_count(self.name, value, int(self.at_least or 0))
+        elif self.type is float:
+            bound = settings[self.at_least] if isinstance(self.at_least, str) else self.at_least
+            check_number(self.name, value, above=self.above, at_least=bound, allow_inf=math.isinf(self.default))
+        elif self.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name}: {value!r} must be true or false")
+        elif value not in self.choices:
+            raise ConfigError(f"{self.name}: '{value}' is not one of {', '.join(self.choices)}")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed values of a `Literal` setting (empty for numbers and flags)."""
+        return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else ()
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its solver function, default step count, cost and settings.
+
+    Args:
+        name: Registry key, the value of `--sampler` and of `sampler:` in YAML.
+        solve: The solver, `solve(denoiser, x, sigmas, *, noise, callback, progress, **settings)`.
+        summary: One line for `--help` and the docs, citing the paper.
+        default_steps: Steps N when none are given.
+        nfe: Network evaluations per image for N steps and the settings.
+        settings: The sampler's own settings, with types, defaults and docs.
+        uses_sigma_range: Whether `sigma_min`/`sigma_max` bound its schedule (DDIM takes its own from β instead).
+        max_steps: Largest N, if any.
+        max_steps_reason: Why, for the error message.
+    """
+
+    name: str
+    solve: Callable[..., torch.Tensor]
+    summary: str
+    default_steps: int
+    nfe: Callable[[int, Mapping[str, Any]], int]
+    settings: tuple[Setting, ...] = ()
+    uses_sigma_range: bool = True
+    max_steps: int | None = None
+    max_steps_reason: str = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run the solver: `SAMPLERS["ddim"](denoiser, x, sigmas, eta=0.0)`."""
+        return self.solve(*args, **kwargs)
+
+    def defaults(self) -> dict[str, Any]:
+        return {setting.name: setting.default for setting in self.settings}
+
+
+# The σ-schedule settings, for any sampler that walks EDM's schedules (the pipelines hand them to the scheduler).
+SCHEDULE_SETTINGS = (
+    Setting("schedule", Literal["karras", "ve"], "karras",
+            "σ schedule: EDM's ρ schedule (karras) or geometric in σ (ve)"),
+    Setting("rho", float, 7.0, "ρ of the karras schedule", above=0),
+)
+
+DDIM_TRAIN_STEPS = 1000  # T of DDPM's linear β schedule, which vediff's DDIM walks
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register(sampler: Sampler) -> Sampler:
+    """Add `sampler` to `SAMPLERS`; a setting shared with another sampler must agree on its type and default."""
+    known = {s.name: s for entry in SAMPLERS.values() for s in entry.settings}
+    for setting in sampler.settings:
+        other = known.get(setting.name)
+        if other is not None and (other.type, other.default) != (setting.type, setting.default):
+            raise ValueError(f"setting '{setting.name}' of {sampler.name} differs from the one already registered")
+    SAMPLERS[sampler.name] = sampler
+    return sampler
+
+
+register(Sampler(
+    name="karras_ve",
+    solve=sample_karras_ve,
+    summary="EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2)",
+    default_steps=18,
+    nfe=lambda n, settings: 2 * n - 1,
+    settings=(
+        *SCHEDULE_SETTINGS,
+        Setting("s_churn", float, 0.0, "S_churn, overall stochasticity; 0 is deterministic Heun", at_least=0),
+        Setting("s_noise", float, 1.0, "S_noise, scale of the churn noise", at_least=0),
+        Setting("s_min", float, 0.0, "S_min, lower end of the σ range that gets churn", at_least=0),
+        Setting("s_max", float, math.inf, "S_max, upper end of the σ range that gets churn", at_least="s_min"),
+    ),
+))
+register(Sampler(
+    name="score_sde_ve",
+    solve=sample_score_sde_ve,
+    summary="VE-SDE predictor–corrector (Song et al. 2021, Algorithm 2)",
+    default_steps=200,
+    nfe=lambda n, settings: n * (settings["correct_steps"] + 1),
+    settings=(
+        Setting("snr", float, 0.16, "Langevin signal-to-noise ratio", at_least=0),
+        Setting("correct_steps", int, 1, "Langevin corrector steps per predictor step", at_least=0),
+        Setting("step_size_per_sample", bool, True,
+                "Langevin step size from each image's own norms (false: score_sde's batch average, images then "
+                "depend on the batch)"),
+    ),
+))
+register(Sampler(
+    name="ddim",
+    solve=sample_ddim,
+    summary="DDIM (Song, Meng, Ermon 2021) over DDPM's linear β schedule",
+    default_steps=50,
+    nfe=lambda n, settings: n,
+    settings=(
+        Setting("eta", float, 0.0, "η: 0 deterministic, 1 DDPM-like", at_least=0),
+        Setting("spacing", Spacing, "leading", "timestep spacing: leading, trailing, linspace or quadratic"),
+        Setting("clip_sample", bool, True,
+                "clip the predicted x̂_0 to [−1, 1] as diffusers does; turn off for guidance, whose x̂_0 may leave it"),
+    ),
+    uses_sigma_range=False,
+    max_steps=DDIM_TRAIN_STEPS,
+    max_steps_reason=f"DDPM's {DDIM_TRAIN_STEPS} training timesteps",
+))
+
+SamplerName = Literal[tuple(SAMPLERS)]  # the registry's names, so configs and the CLI reject typos

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its losses and data, callbacks, checkpoints and quality metrics."""
