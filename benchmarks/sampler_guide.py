@@ -27,6 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from vediff.pipelines.config import SamplerConfig
 from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
+from vediff.sampling.registry import settings_table
 from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
@@ -222,6 +223,7 @@ def main() -> None:
     seeds = list(range(args.num_images))
 
     args.outdir.mkdir(parents=True, exist_ok=True)
+    update_guide(args.outdir / "samplers.md", settings_table(), "settings")
     if not args.skip_tradeoff:
         measure_tradeoff(args, ckpt, denoiser, data, metrics)
 

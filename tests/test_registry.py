@@ -5,6 +5,7 @@ everywhere with no other edit."""
 import dataclasses
 import inspect
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from vediff import (
 )
 from vediff.cli.sample import build_parser, sampler_config
 from vediff.pipelines.config import REGISTERED_SETTINGS
-from vediff.sampling.registry import SCHEDULE_SETTINGS, register
+from vediff.sampling.registry import SCHEDULE_SETTINGS, register, settings_table
 from vediff.sampling.solvers import euler_step
 
 
@@ -60,6 +61,12 @@ def test_the_registry_is_what_sample_py_offers_and_samplerconfig_holds():
             assert fields[setting.name].default == setting.default
             assert setting.name in dests
             assert setting.doc in SamplerConfig.__doc__  # --help of the training CLI reads this docstring
+
+
+def test_the_settings_table_of_the_docs_is_the_registry():
+    docs = (Path(__file__).parents[1] / "docs" / "samplers.md").read_text()
+    block = docs.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
+    assert block == settings_table(), "docs/samplers.md is stale: run python benchmarks/sampler_guide.py"
 
 
 def test_solver_function_defaults_are_the_registry_defaults():

@@ -157,3 +157,15 @@ register(Sampler(
 ))
 
 SamplerName = Literal[tuple(SAMPLERS)]  # the registry's names, so configs and the CLI reject typos
+
+
+def settings_table() -> str:
+    """The registry as the markdown table of docs/samplers.md (a test keeps the two equal)."""
+    rows = ["| sampler | default steps | setting | type | default | meaning |", "|---|---|---|---|---|---|"]
+    for entry in SAMPLERS.values():
+        for i, setting in enumerate(entry.settings):
+            kind = "/".join(setting.choices) if setting.choices else setting.type.__name__
+            default = str(setting.default).lower() if isinstance(setting.default, bool) else str(setting.default)
+            first = (f"`{entry.name}`: {entry.summary}", str(entry.default_steps)) if i == 0 else ("", "")
+            rows.append(f"| {first[0]} | {first[1]} | `{setting.name}` | {kind} | {default} | {setting.doc} |")
+    return "\n".join(rows)
