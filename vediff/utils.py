@@ -122,9 +122,8 @@ def package_version() -> str:
 
 def class_path(cls: type) -> str:
     """The shortest import path of `cls`: `vediff.UNet2D` for vediff's public classes, so files outlive module moves."""
-    import vediff  # the package's public names, imported by the time anything is saved
-
-    if getattr(vediff, cls.__name__, None) is cls:
+    package = sys.modules["vediff"]  # imported before any of its modules, so no import (and no cycle) is needed
+    if getattr(package, cls.__name__, None) is cls:
         return f"vediff.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
