@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
              attn_resolutions=[16, 4], embedding_type="fourier"),
         dict(sample_size=32, in_channels=3, model_channels=8, channel_mult=[1, 1, 2, 2], num_blocks=1,
              attn_resolutions=[], channels_per_head=4),
+        # 48 channels: decoder blocks see 48 + 96 = 144, not a multiple of 32 groups.
+        dict(sample_size=8, in_channels=1, model_channels=48, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
     ],
 )
 def test_output_has_the_input_shape(kwargs):
@@ -81,3 +83,12 @@ def test_cifar10_config_builds_edm_ddpmpp_size():
 def test_impossible_configurations_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         UNet2D(**{"model_channels": 8, **kwargs})
+
+
+def test_group_counts_follow_edm_and_divide_the_channels():
+    net = UNet2D(sample_size=8, in_channels=1, model_channels=48, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[])
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(m.num_channels % m.num_groups == 0 for m in norms)
+    groups = {m.num_channels: m.num_groups for m in norms}
+    assert groups == {48: 12, 96: 24, 192: 32, 144: 24}  # min(32, C/4) as in EDM; for 144 the largest divisor below

@@ -18,8 +18,12 @@ from vediff.utils import ConfigError
 
 
 def _group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
-    # EDM's GroupNorm: at most 32 groups, at least 4 channels per group.
-    return nn.GroupNorm(num_groups=min(32, channels // 4), num_channels=channels, eps=eps)
+    # EDM's GroupNorm: at most 32 groups, at least 4 channels per group; here also a divisor of the channel count, so
+    # widths that are not multiples of 32 (48 + 96 = 144 channels in a decoder block) build instead of failing.
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps)
 
 
 def _init(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Conv2d | nn.Linear:
