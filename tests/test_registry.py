@@ -137,10 +137,21 @@ def write_yaml(path, content) -> str:
     return str(path)
 
 
+def test_a_training_config_lends_its_sampler_blocks():
+    configs = Path(__file__).parents[1] / "configs"
+    assert parse("--config", f"{configs / 'digits.yaml'}:sample_grids.samplers.1") == SamplerConfig(
+        sampler="score_sde_ve", steps=25, snr=0.16)
+    assert parse("--config", f"{configs / 'digits.yaml'}:sample_quality.sampler").steps == 18
+    with pytest.raises(ConfigError, match=r"has no 'sample_grids.samplers.9' \(stopped at '9'\)"):
+        parse("--config", f"{configs / 'digits.yaml'}:sample_grids.samplers.9")
+    with pytest.raises(ConfigError, match=r"name the block: FILE:sample_quality\.sampler"):
+        parse("--config", str(configs / "digits.yaml"))
+
+
 def test_a_bad_sampler_block_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"--config: .* sets \['stepz'\], which are not sampler settings"):
         parse("--config", write_yaml(tmp_path / "a.yaml", {"sampler": "ddim", "stepz": 4}))
-    with pytest.raises(ConfigError, match="should hold one sampler block"):
+    with pytest.raises(ConfigError, match="should be one sampler block"):
         parse("--config", write_yaml(tmp_path / "b.yaml", [{"sampler": "ddim"}]))
     with pytest.raises(ConfigError, match="sampler: 'euler' is not one of karras_ve, score_sde_ve, ddim"):
         parse("--config", write_yaml(tmp_path / "c.yaml", {"sampler": "euler"}))

@@ -83,9 +83,10 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per SamplerConfig field, generated from the sampler registry: a new sampler's settings appear here."""
     group = parser.add_argument_group(
         "sampler", "the sampler and its settings, from the sampler registry; flags given here override --config")
-    group.add_argument("--config", metavar="FILE",
-                       help="YAML file holding a sampler block, e.g. the sample_quality.sampler block of a training "
-                            "config: {sampler: karras_ve, steps: 18, s_churn: 0}")
+    group.add_argument("--config", metavar="FILE[:KEY]",
+                       help="a sampler block from YAML: a file holding one ({sampler: karras_ve, steps: 18}), or a "
+                            "block of a training config by its dotted key, e.g. "
+                            "configs/digits.yaml:sample_grids.samplers.2")
     for setting in COMMON_SETTINGS:
         if setting.name != "name":
             _add_flag(group, setting, setting.doc)
@@ -118,15 +119,28 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
     return SamplerConfig(**values)
 
 
-def read_sampler_block(path: str) -> dict:
-    """The sampler block of a YAML file, its keys checked against SamplerConfig's fields."""
+def read_sampler_block(spec: str) -> dict:
+    """The sampler block named by `FILE` or `FILE:KEY` (a dotted path into the YAML, list items by index), its keys
+    checked against SamplerConfig's fields."""
+    path, _, key = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
     block = read_yaml(path, "--config")
+    for part in key.split(".") if key else []:
+        if isinstance(block, list) and part.isdigit() and int(part) < len(block):
+            block = block[int(part)]
+        elif isinstance(block, dict) and part in block:
+            block = block[part]
+        else:
+            raise ConfigError(f"--config: '{path}' has no '{key}' (stopped at '{part}'); name a sampler block such "
+                              "as sample_quality.sampler or sample_grids.samplers.0")
     if not isinstance(block, dict) or not isinstance(block.get("sampler", "karras_ve"), str):
-        raise ConfigError(f"--config: '{path}' should hold one sampler block such as {{sampler: karras_ve, steps: 18}}"
-                          " (e.g. the sample_quality.sampler block of a training config)")
+        raise ConfigError(f"--config: '{spec}' should be one sampler block such as {{sampler: karras_ve, steps: 18}}; "
+                          "for a training config name the block: FILE:sample_quality.sampler")
     unknown = sorted(set(block) - set(SAMPLER_FIELDS))
+    if unknown and "sampler" not in block:
+        raise ConfigError(f"--config: '{spec}' is not a sampler block (it holds {', '.join(unknown[:4])}, …); for a "
+                          "training config name the block: FILE:sample_quality.sampler")
     if unknown:
-        raise ConfigError(f"--config: '{path}' sets {unknown}, which are not sampler settings; known: "
+        raise ConfigError(f"--config: '{spec}' sets {unknown}, which are not sampler settings; known: "
                           f"{', '.join(SAMPLER_FIELDS)}")
     return block
 
