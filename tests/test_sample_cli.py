@@ -269,7 +269,8 @@ def conditional_checkpoint(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("train_cond")
     result = run_script(
         "train.py", "fit", "--config", "digits_cond.yaml", "--model.net.init_args.model_channels", "16",
-        "--model.net.init_args.num_blocks", "1", "--trainer.max_steps", "150", "--model.warmup_kimg", "2",
+        "--model.net.init_args.num_blocks", "1", "--data.batch_size", "128", "--trainer.max_steps", "150",
+        "--model.warmup_kimg", "2",
         "--ema.half_life_kimg", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--sample_grids.num_images", "4",
         "--sample_grids.every_n_val_epochs", "100", "--sample_grids.samplers", '[{"sampler": "karras_ve", "steps": 2}]',
