@@ -57,7 +57,8 @@ GRID_ROWS = [("karras_ve", dict(sampler="karras_ve", steps=18)),
 GUIDANCE_SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
 # Samplers whose samples the recognition table scores, at the guide's recommended settings.
 RECOGNITION_SAMPLERS = [("karras_ve, 18 steps", dict(sampler="karras_ve", steps=18)),
-                        ("ddim η=0, 25 steps", dict(sampler="ddim", steps=25))]
+                        # Unclipped, as guided DDIM needs (docs/samplers.md, "Class-conditional models and guidance").
+                        ("ddim η=0, 25 steps, unclipped", dict(sampler="ddim", steps=25, clip_sample=False))]
 
 
 def quick_start_checkpoint(name: str) -> Path:
