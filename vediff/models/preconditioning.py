@@ -121,11 +121,9 @@ class EDMPrecond(Precond):
         return c_skip, c_out, c_in, c_noise
 
 
-# The preconditionings by the name `VEDiffusion(precond=...)` takes; files name them by class.
+# The preconditionings by the name `VEDiffusion(precond=...)` takes, and those names by class (as files record them).
 PRECONDITIONINGS: dict[str, type[Precond]] = {"edm": EDMPrecond, "ve": VEPrecond}
-
-# Default σ ranges per preconditioning: EDM's sampler range and the VE training range of EDM Table 1.
-DEFAULT_SIGMA_RANGE = {"edm": (0.002, 80.0), "ve": (0.02, 100.0)}
+PRECONDITIONING_NAMES = {cls.__name__: name for name, cls in PRECONDITIONINGS.items()}
 
 
 def build_denoiser(
@@ -133,15 +131,11 @@ def build_denoiser(
     sigma_max: float | None = None,
 ) -> Precond:
     """`net` wrapped in the preconditioning named `precond` ("edm", "ve", or a class name such as "EDMPrecond"); σ
-    bounds left unset take that preconditioning's defaults."""
-    by_class = {cls.__name__: name for name, cls in PRECONDITIONINGS.items()}
-    name = by_class.get(precond, precond)
+    bounds left unset take that preconditioning's defaults (EDM's sampling range, or the VE training range)."""
+    name = PRECONDITIONING_NAMES.get(precond, precond)
     if name not in PRECONDITIONINGS:
         raise ConfigError(f"precond: '{precond}' is not one of {', '.join(PRECONDITIONINGS)}")
-    default_min, default_max = DEFAULT_SIGMA_RANGE[name]
-    sigma_min = default_min if sigma_min is None else sigma_min
-    sigma_max = default_max if sigma_max is None else sigma_max
+    bounds = {key: value for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if value is not None}
     if name == "edm":
-        return EDMPrecond(net, sigma_data, sigma_min, sigma_max)
-    return VEPrecond(net, sigma_min, sigma_max)
-
+        return EDMPrecond(net, sigma_data, **bounds)
+    return VEPrecond(net, **bounds)

@@ -113,7 +113,8 @@ class _SamplerConfigMethods:
     ) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] for `seeds` (and their `class_labels`), one seeded CPU generator per image."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        extra = {name: self.settings[name] for name in pipeline.call_settings}
+        settings = self.settings
+        extra = {name: settings[name] for name in pipeline.call_settings}
         if class_labels is not None:
             extra.update(class_labels=list(class_labels), guidance_scale=self.guidance_scale)
         return pipeline(batch_size=len(seeds), num_inference_steps=self.num_steps, generator=generators,

@@ -26,18 +26,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vediff.models.network import NETWORKS
-from vediff.models.preconditioning import PRECONDITIONINGS, EDMPrecond, Precond, build_denoiser
+from vediff.models.preconditioning import PRECONDITIONING_NAMES, EDMPrecond, Precond, build_denoiser
 from vediff.utils import ConfigError, class_path, write_atomically, write_json
 
 MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-PRECOND_CLASSES = {cls.__name__: cls for cls in PRECONDITIONINGS.values()}
 
 
 def precond_config(denoiser: Precond) -> dict[str, Any]:
     """What rebuilds `denoiser`: its preconditioning class and arguments, and its network's class and arguments."""
-    if type(denoiser).__name__ not in PRECOND_CLASSES or not isinstance(getattr(denoiser.net, "config", None), dict):
+    known = type(denoiser).__name__ in PRECONDITIONING_NAMES
+    if not known or not isinstance(getattr(denoiser.net, "config", None), dict):
         raise TypeError(f"save_pretrained needs an EDMPrecond or VEPrecond over a vediff network with a `config`; "
                         f"got {type(denoiser).__name__}")
     args = {"sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
@@ -80,12 +80,12 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
     folder, prefix = Path(folder), f"{field}: " if field else ""
     config = read_json(folder / UNET_CONFIG, field)
     precond, net_spec = config.get("_class_name"), config.get("net")
-    class_path = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
+    network = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
     init_args = net_spec.get("init_args", {}) if isinstance(net_spec, dict) else None
-    if precond not in PRECOND_CLASSES or class_path not in NETWORKS or not isinstance(init_args, dict):
-        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' names {precond!r} over {class_path!r}; vediff knows "
-                          f"{', '.join(PRECOND_CLASSES)} over {', '.join(sorted(NETWORKS))}, with \"net\" written as "
-                          "{\"class_path\": ..., \"init_args\": {...}} (save the pipeline again)")
+    if precond not in PRECONDITIONING_NAMES or network not in NETWORKS or not isinstance(init_args, dict):
+        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' names {precond!r} over {network!r}; vediff knows "
+                          f"{', '.join(PRECONDITIONING_NAMES)} over {', '.join(sorted(NETWORKS))}, with \"net\" "
+                          "written as {\"class_path\": ..., \"init_args\": {...}} (save the pipeline again)")
     weights_path = folder / UNET_WEIGHTS
     if not weights_path.is_file():
         raise ConfigError(f"{prefix}'{weights_path}' is missing; write the folder again with save_pretrained")
@@ -96,7 +96,7 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
                           "truncated or something else under that name; save the pipeline again") from None
     args = {k: v for k, v in config.items() if k not in ("_class_name", "net")}
     try:
-        net = NETWORKS[class_path](**init_args)
+        net = NETWORKS[network](**init_args)
         denoiser = build_denoiser(precond, net, **args)
     except (ConfigError, TypeError) as error:
         first = str(error).strip().splitlines()[0]
