@@ -27,7 +27,7 @@ class MixtureDenoiser:
     """Ideal denoisers of the mixture: D(x; σ, k) = (s²x + σ²μ_k)/(s² + σ²) given class k, and without a label (a zero
     row or None) the posterior-weighted mix Σ_k p(k | x; σ)·D(x; σ, k). Counts calls and images denoised."""
 
-    in_channels, sample_size, sigma_min, sigma_max, num_classes = 1, 4, 0.002, 80.0, 3
+    in_channels, sample_size, sigma_min, sigma_max, num_classes, data_range = 1, 4, 0.002, 80.0, 3, (-1.0, 1.0)
 
     def __init__(self) -> None:
         self.calls, self.images = 0, 0

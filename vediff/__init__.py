@@ -2,13 +2,15 @@
 
 Layers, each importing only those above it:
 
-    vediff.models      the denoiser contract, UNet2D, EDM/VE preconditioning, classifier-free guidance
+    vediff.models      the denoiser contract, UNet2D, EDM/VE preconditioning, classifier-free guidance, networks
+                       trained elsewhere (diffusers' VP and VE score models) as denoisers
     vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry
     vediff.pipelines   diffusers-style schedulers and pipelines, SamplerConfig, denoisers on disk
     vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics
     vediff.cli         train.py and sample.py
 """
 
+from vediff.models.external import VEScoreDenoiser, VPDenoiser
 from vediff.models.guidance import guided
 from vediff.models.network import UNet2D
 from vediff.models.preconditioning import Denoiser, EDMPrecond, VEPrecond
@@ -73,6 +75,8 @@ __all__ = [
     "VEDiffusion",
     "VELoss",
     "VEPrecond",
+    "VEScoreDenoiser",
+    "VPDenoiser",
     "append_dims",
     "guided",
     "load_denoiser",

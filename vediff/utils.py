@@ -96,6 +96,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 # k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; anything unreadable is a one-line ConfigError naming `what` (e.g. "--ckpt: ...")."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what}cannot read '{path}' ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}'{path}' should hold a JSON object")
+    return data
+
+
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
     """Append trailing singleton dimensions to `x` until it has `target_dims` dimensions."""
     missing = target_dims - x.ndim

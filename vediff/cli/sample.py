@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
+from vediff.pipelines.hub import resolve
 from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser_folder, read_checkpoint
 from vediff.sampling.grids import image_grid, to_uint8
 from vediff.sampling.registry import SAMPLERS, Setting
@@ -42,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     arg = parser.add_argument
-    arg("--ckpt", help="training checkpoint (.ckpt) or pipeline folder (save_pretrained, --export); default: the "
-                       "newest last.ckpt under lightning_logs/")
+    arg("--ckpt", help="training checkpoint (.ckpt), pipeline folder (vediff's --export or save_pretrained, or "
+                       "diffusers' save_pretrained) or Hugging Face Hub id (e.g. google/ddpm-cifar10-32); default: "
+                       "the newest last.ckpt under lightning_logs/")
     arg("--export", metavar="DIR", help="write the model and the chosen sampler as a pipeline folder "
                                         "(JSON + safetensors, loadable with ImagePipeline.from_pretrained) and exit")
     arg("--overwrite", action="store_true", help="let --export replace an existing pipeline folder")
@@ -147,7 +149,7 @@ def read_sampler_block(spec: str) -> dict:
 
 def checkpoint_path(given: str | None) -> Path:
     if given is not None:
-        return Path(given)
+        return resolve(given, "--ckpt")
     newest = newest_checkpoint("lightning_logs")
     if newest is None:
         raise ConfigError(f"no --ckpt given and no last.ckpt under lightning_logs/; train a model first: {TRAIN_HINT}")

@@ -34,7 +34,8 @@ class Denoiser(Protocol):
 
     `x` is (B, C, H, W); `sigma` a scalar or (B,); `class_labels`, for conditional models, one-hot rows (B,
     num_classes) with a zero row meaning "no label" (classifier-free guidance's unconditional pass), None for none.
-    The result is float32, shaped like `x`. `num_classes` is 0 for unconditional models.
+    The result is float32, shaped like `x`. `num_classes` is 0 for unconditional models. `data_range` is the
+    range of the data the model was trained on ((−1, 1) for vediff's models); pipelines map it to [0, 1].
     """
 
     in_channels: int
@@ -42,6 +43,7 @@ class Denoiser(Protocol):
     sigma_min: float
     sigma_max: float
     num_classes: int
+    data_range: tuple[float, float]
 
     def __call__(
         self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None
@@ -50,6 +52,8 @@ class Denoiser(Protocol):
 
 class Precond(nn.Module):
     """Shared body: D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), computed in float32 even under autocast."""
+
+    data_range = (-1.0, 1.0)  # vediff trains on images scaled to [−1, 1]
 
     def __init__(self, net: nn.Module, sigma_min: float, sigma_max: float) -> None:
         super().__init__()

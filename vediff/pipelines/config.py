@@ -94,7 +94,7 @@ class _SamplerConfigMethods:
     def scheduler(self, denoiser) -> Scheduler:
         """The scheduler for these settings; the σ range defaults to `denoiser`'s."""
         sigma_range = self.sigma_range(denoiser) if self.entry.uses_sigma_range else None
-        return PIPELINES.get(self.sampler, SolverPipeline).scheduler_for(self.settings, sigma_range)
+        return PIPELINES.get(self.sampler, SolverPipeline).scheduler_for(self.settings, sigma_range, denoiser)
 
     def pipeline(self, denoiser) -> ImagePipeline:
         """The sampler's pipeline (its diffusers counterpart, else a `SolverPipeline`) around `denoiser`, progress bar

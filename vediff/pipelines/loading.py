@@ -1,12 +1,13 @@
 """Denoisers on disk: vediff training checkpoints (.ckpt) and pipeline folders, read without executing code.
 
-`load_denoiser(path)` takes either. Checkpoints load `weights_only`; folders are JSON and safetensors. Both name
-their network and preconditioning, which must be in `vediff.models.network.NETWORKS` and
+`load_denoiser(path)` takes either, and also diffusers pipeline folders and Hugging Face Hub ids
+(`vediff.pipelines.hub`). Checkpoints load `weights_only`; folders are JSON and safetensors. vediff's own name their
+network and preconditioning, which must be in `vediff.models.network.NETWORKS` and
 `vediff.models.preconditioning.PRECONDITIONINGS`: nothing else is imported.
 
 Pipeline folder layout (as diffusers lays out its pipelines):
 
-    model_index.json                      pipeline class and vediff version
+    model_index.json                      pipeline class, vediff version, ["library", "class"] of each component
     unet/config.json                      preconditioning, its σ range (and σ_data), the network's class and arguments
     unet/diffusion_pytorch_model.safetensors
     scheduler/scheduler_config.json       scheduler class and constructor arguments
@@ -25,8 +26,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vediff.models.external import ExternalDenoiser
 from vediff.models.network import NETWORKS
 from vediff.models.preconditioning import PRECONDITIONING_NAMES, EDMPrecond, Precond, build_denoiser
+from vediff.pipelines.hub import (
+    NETWORK_CLASS,
+    is_diffusers_folder,
+    load_diffusers_denoiser,
+    resolve,
+    save_diffusers_denoiser,
+)
 from vediff.utils import ConfigError, class_path, write_atomically, write_json
 
 MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
@@ -48,14 +57,19 @@ def precond_config(denoiser: Precond) -> dict[str, Any]:
             "net": {"class_path": class_path(type(net)), "init_args": net.config}}
 
 
-def save_denoiser(denoiser: Precond, folder: Path) -> None:
-    """unet/config.json and unet/diffusion_pytorch_model.safetensors for `denoiser` (its weights in float32)."""
+def save_denoiser(denoiser: Precond | ExternalDenoiser, folder: Path) -> list[str]:
+    """unet/config.json and unet/diffusion_pytorch_model.safetensors for `denoiser` (its weights in float32); returns
+    its model_index.json entry, [library, class]: a network from diffusers is written by diffusers, in its format."""
+    if isinstance(denoiser, ExternalDenoiser):
+        save_diffusers_denoiser(denoiser, folder)
+        return ["diffusers", NETWORK_CLASS]
     config = precond_config(denoiser)
     weights = {name: tensor.detach().to("cpu", torch.float32).contiguous()
                for name, tensor in denoiser.net.state_dict().items()}
     (folder / UNET_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
     write_atomically(folder / UNET_WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     write_json(folder / UNET_CONFIG, config)
+    return ["vediff", type(denoiser).__name__]
 
 
 def read_json(path: Path, field: str = "") -> dict[str, Any]:
@@ -72,12 +86,14 @@ def read_json(path: Path, field: str = "") -> dict[str, Any]:
     return data
 
 
-def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
-    """The denoiser of a pipeline folder, in eval mode on the CPU, built from JSON and safetensors only.
+def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | ExternalDenoiser:
+    """The denoiser of a pipeline folder (vediff's or diffusers'), in eval mode on the CPU.
 
     `field` names the flag that gave the folder in errors.
     """
     folder, prefix = Path(folder), f"{field}: " if field else ""
+    if is_diffusers_folder(folder):
+        return load_diffusers_denoiser(folder, field)
     config = read_json(folder / UNET_CONFIG, field)
     precond, net_spec = config.get("_class_name"), config.get("net")
     network = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
@@ -107,15 +123,16 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond:
     return denoiser.eval()
 
 
-def load_denoiser(path: str | Path, field: str = "--ckpt") -> Precond:
-    """The denoiser of a training checkpoint (its EMA weights) or of a pipeline folder, in eval mode on the CPU.
+def load_denoiser(path: str | Path, field: str = "--ckpt") -> Precond | ExternalDenoiser:
+    """The denoiser of a training checkpoint (its EMA weights), of a pipeline folder (vediff's or diffusers'), or of a
+    Hugging Face Hub id, in eval mode on the CPU.
 
     `field` names the flag or argument that gave the path in the one-line errors.
     """
-    path, prefix = Path(path), f"{field}: " if field else ""
+    path, prefix = resolve(path, field), f"{field}: " if field else ""
     if not path.exists():
-        raise ConfigError(f"{prefix}'{path}' does not exist; give a training checkpoint (.ckpt) or a pipeline folder "
-                          "(written by save_pretrained or sample.py --export)")
+        raise ConfigError(f"{prefix}'{path}' does not exist; give a training checkpoint (.ckpt), a pipeline folder "
+                          "(written by save_pretrained or sample.py --export) or a Hugging Face Hub id")
     if path.is_dir():
         return load_denoiser_folder(path, field)
     return denoiser_from_checkpoint(read_checkpoint(path, field), path, field)

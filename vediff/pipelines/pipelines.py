@@ -1,13 +1,16 @@
 """Image pipelines with the API of diffusers 0.42's, over any denoiser D(x, sigma[, class_labels]).
 
-`unet` is any module or callable following vediff's denoiser contract (`VEDiffusion.denoiser`, an `EDMPrecond`, an
-analytic denoiser in a test) with `in_channels` and `sample_size` attributes. Images come out in [0, 1].
+`unet` is any module or callable following vediff's denoiser contract (`VEDiffusion.denoiser`, an `EDMPrecond`, a
+diffusers network wrapped by `vediff.models.external`, an analytic denoiser in a test) with `in_channels` and
+`sample_size` attributes. Images come out in [0, 1], mapped from the denoiser's `data_range` ((−1, 1) unless it says
+otherwise).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,10 @@ import PIL.Image
 import torch
 from einops import rearrange
 
+from vediff.models.external import VPDenoiser
 from vediff.models.guidance import conditioned
 from vediff.models.preconditioning import Denoiser
+from vediff.pipelines.hub import is_diffusers_folder, resolve
 from vediff.pipelines.loading import MODEL_INDEX, SCHEDULER_CONFIG, load_denoiser, read_json, save_denoiser
 from vediff.pipelines.schedulers import (
     DDIMScheduler,
@@ -29,10 +34,11 @@ from vediff.pipelines.schedulers import (
     SigmaScheduler,
 )
 from vediff.sampling.registry import SAMPLERS
+from vediff.sampling.schedules import append_zero
 from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
 from vediff.utils import ConfigError, check_number, package_version, write_json
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "numpy", "pt")  # "numpy" as diffusers' pipelines take it
 
 
 @dataclass
@@ -80,15 +86,17 @@ class ImagePipeline:
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write the pipeline as a folder: JSON configs and safetensors weights, no pickle (`vediff.pipelines.loading`).
+        model_index.json names each component as diffusers does, ["library", "class"].
 
-        The denoiser must be an EDMPrecond or VEPrecond over a vediff network (e.g. `VEDiffusion.denoiser`).
+        The denoiser must be an EDMPrecond or VEPrecond over a vediff network (e.g. `VEDiffusion.denoiser`), or a
+        diffusers network wrapped by `vediff.models.external` (written in diffusers' own format).
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        save_denoiser(self.unet, folder)
-        self.scheduler.save_config(folder / "scheduler")
+        unet_entry = save_denoiser(self.unet, folder)
+        self.scheduler.save_pretrained(folder / "scheduler")
         index = {"_class_name": type(self).__name__, "_vediff_version": package_version(),
-                 "unet": type(self.unet).__name__, "scheduler": type(self.scheduler).__name__}
+                 "unet": unet_entry, "scheduler": ["vediff", type(self.scheduler).__name__]}
         if self.pipeline_args():
             index["_pipeline_args"] = self.pipeline_args()
         write_json(folder / MODEL_INDEX, index)
@@ -100,31 +108,58 @@ class ImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, scheduler: Scheduler | None = None) -> ImagePipeline:
-        """Rebuild a pipeline from a `save_pretrained` folder, or from a vediff training checkpoint (`.ckpt`, its EMA
-        weights). Nothing is unpickled: folders are JSON and safetensors, checkpoints load `weights_only`.
+        """Rebuild a pipeline from a folder written by `save_pretrained` (vediff's or diffusers'), a Hugging Face Hub
+        id (through its cache; see `vediff.pipelines.hub`), or a vediff training checkpoint (`.ckpt`, its EMA
+        weights). Nothing is unpickled: vediff's folders are JSON and safetensors, checkpoints load `weights_only`.
 
-        Called on `ImagePipeline` itself, a folder gives the pipeline class it names. A checkpoint holds no scheduler:
-        the pipeline's default one over the model's σ range is used unless `scheduler` is given.
+        Called on `ImagePipeline` itself, a folder gives the pipeline class it names. A diffusers folder loads into
+        any of the three pipelines, as in diffusers, with its own scheduler config where it fits (DDIM reads any VP
+        scheduler's β schedule). A checkpoint holds no scheduler: unless `scheduler` is given, the pipeline's default
+        one over the model's σ range is used.
         """
-        path = Path(path)
+        path = resolve(path, field="")
         if not path.is_dir():  # a checkpoint; load_denoiser refuses anything else with a one-line reason
             denoiser = load_denoiser(path, field="")
             if cls is ImagePipeline:
                 raise ConfigError(f"'{path}' is a checkpoint, which names no sampler; call from_pretrained on "
                                   "KarrasVePipeline, ScoreSdeVePipeline or DDIMPipeline")
-            sigma_range = (denoiser.sigma_min, denoiser.sigma_max)
-            scheduler = scheduler or cls.scheduler_for(SAMPLERS[cls.sampler_name].defaults(), sigma_range)
-            return cls(unet=denoiser, scheduler=scheduler)
+            return cls(unet=denoiser, scheduler=scheduler or cls.default_scheduler(denoiser))
         index = read_json(path / MODEL_INDEX)
         name = index.get("_class_name")
         target = PIPELINE_CLASSES.get(name)
-        if target is None or (cls is not ImagePipeline and target is not cls):
+        foreign = is_diffusers_folder(path)
+        if foreign and cls is not ImagePipeline:
+            if not cls.sampler_name:
+                raise ConfigError(f"'{path}' is a diffusers pipeline, which names no vediff sampler; build "
+                                  f"{cls.__name__}(load_denoiser(path), SigmaScheduler(...), sampler) instead")
+            target = cls
+        if target is None:
+            raise ConfigError(f"'{path}' holds a {name} pipeline, not one of {', '.join(PIPELINE_CLASSES)}; load it "
+                              "with DDIMPipeline, KarrasVePipeline or ScoreSdeVePipeline.from_pretrained")
+        if cls is not ImagePipeline and target is not cls:
             raise ConfigError(f"'{path}' holds a {name} pipeline, not a {cls.__name__}; load it with "
                               f"{name}.from_pretrained, then reuse its denoiser: "
                               f"{cls.__name__}(unet=pipe.unet, scheduler=...)")
         denoiser = load_denoiser(path, field="")
-        scheduler = scheduler or target.scheduler_class.from_config(path / SCHEDULER_CONFIG)
-        return target(unet=denoiser, scheduler=scheduler, **index.get("_pipeline_args", {}))
+        if scheduler is None:
+            config = read_json(path / SCHEDULER_CONFIG)
+            fits = config.get("_class_name") == target.scheduler_class.__name__ or target.reads_scheduler(denoiser)
+            with warnings.catch_warnings():  # keys of another scheduler class are expected here, not news
+                warnings.simplefilter("ignore")
+                scheduler = (target.scheduler_class.from_config(config) if fits
+                             else target.default_scheduler(denoiser))
+        return target(unet=denoiser, scheduler=scheduler, **({} if foreign else index.get("_pipeline_args", {})))
+
+    @classmethod
+    def reads_scheduler(cls, denoiser: Denoiser) -> bool:
+        """Whether this pipeline's scheduler reads the config of another scheduler class saved with `denoiser`."""
+        return False
+
+    @classmethod
+    def default_scheduler(cls, denoiser: Denoiser) -> Scheduler:
+        """The registry's default scheduler for this pipeline over `denoiser`'s σ range."""
+        settings = SAMPLERS[cls.sampler_name].defaults()
+        return cls.scheduler_for(settings, (denoiser.sigma_min, denoiser.sigma_max), denoiser)
 
     @property
     def device(self) -> torch.device:
@@ -183,7 +218,7 @@ class ImagePipeline:
         solver_options = {"noise": noise_from(generator), "callback": extra.get("callback"),
                           "progress": self._progress()}
         x = self._sample(self._denoiser(batch_size, extra), z, steps, solver_options, **settings)
-        return self._output(x, output_type, return_dict)
+        return self._output(x, getattr(self.unet, "data_range", (-1.0, 1.0)), output_type, return_dict)
 
     def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any],
                 **settings: Any) -> torch.Tensor:
@@ -191,9 +226,11 @@ class ImagePipeline:
         raise NotImplementedError
 
     @staticmethod
-    def _output(x: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
-        images = ((x.float() + 1) / 2).clamp(0, 1)
-        if output_type == "np":
+    def _output(x: torch.Tensor, data_range: tuple[float, float], output_type: str,
+                return_dict: bool) -> ImagePipelineOutput | tuple:
+        low, high = data_range
+        images = ((x.float() - low) / (high - low)).clamp(0, 1)
+        if output_type in ("np", "numpy"):
             images = rearrange(images, "b c h w -> b h w c").cpu().numpy()
         elif output_type == "pil":
             pixels = (rearrange(images, "b c h w -> b h w c") * 255).round().to(torch.uint8).cpu().numpy()
@@ -214,7 +251,8 @@ class KarrasVePipeline(ImagePipeline):
     sampler_name = "karras_ve"
 
     @classmethod
-    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> KarrasVeScheduler:
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float],
+                      denoiser: Denoiser | None = None) -> KarrasVeScheduler:
         """The scheduler for registry settings (`SamplerConfig.settings`) over the σ range (σ_min, σ_max)."""
         return KarrasVeScheduler(*sigma_range, s_noise=settings["s_noise"], s_churn=settings["s_churn"],
                                  s_min=settings["s_min"], s_max=settings["s_max"],
@@ -244,7 +282,8 @@ class ScoreSdeVePipeline(ImagePipeline):
     sampler_name = "score_sde_ve"
 
     @classmethod
-    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> ScoreSdeVeScheduler:
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float],
+                      denoiser: Denoiser | None = None) -> ScoreSdeVeScheduler:
         """The scheduler for registry settings (`SamplerConfig.settings`) over the σ range (σ_min, σ_max)."""
         low, high = sigma_range
         return ScoreSdeVeScheduler(snr=settings["snr"], sigma_min=low, sigma_max=high,
@@ -257,9 +296,10 @@ class ScoreSdeVePipeline(ImagePipeline):
         scheduler, config = self.scheduler, self.scheduler.config
         scheduler.set_timesteps(steps)
         scheduler.set_sigmas(steps)
-        return sample_score_sde_ve(denoiser, z * scheduler.init_noise_sigma, scheduler.update_sigmas(),
-                                   snr=config["snr"], correct_steps=config["correct_steps"],
-                                   model_sigmas=scheduler.sigmas, step_size_per_sample=config["step_size_per_sample"],
+        sigmas, sigmas_below = scheduler.predictor_sigmas()
+        return sample_score_sde_ve(denoiser, z * scheduler.init_noise_sigma, append_zero(sigmas), snr=config["snr"],
+                                   correct_steps=config["correct_steps"], model_sigmas=scheduler.sigmas,
+                                   sigmas_below=sigmas_below, step_size_per_sample=config["step_size_per_sample"],
                                    **solver_options)
 
 
@@ -280,9 +320,16 @@ class DDIMPipeline(ImagePipeline):
     call_settings = ("eta",)
 
     @classmethod
-    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float] | None = None) -> DDIMScheduler:
-        """The scheduler for registry settings; DDIM's noise levels come from its β schedule, not a σ range."""
-        return DDIMScheduler(timestep_spacing=settings["spacing"], clip_sample=settings["clip_sample"])
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float] | None = None,
+                      denoiser: Denoiser | None = None) -> DDIMScheduler:
+        """The scheduler for registry settings. DDIM's noise levels come from a β schedule, not a σ range: a VP
+        network's own (`VPDenoiser`), else DDPM's linear one."""
+        schedule = denoiser.schedule if isinstance(denoiser, VPDenoiser) else {}
+        return DDIMScheduler(**schedule, timestep_spacing=settings["spacing"], clip_sample=settings["clip_sample"])
+
+    @classmethod
+    def reads_scheduler(cls, denoiser: Denoiser) -> bool:
+        return isinstance(denoiser, VPDenoiser)  # as diffusers' DDIMPipeline reads a DDPM scheduler's config
 
     @torch.no_grad()
     def __call__(
@@ -306,9 +353,11 @@ class DDIMPipeline(ImagePipeline):
         scheduler.set_timesteps(steps)
         sigmas = scheduler.sigmas()
         # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame; the result goes back by 1/√(1 + σ_0²).
+        threshold = {"dynamic_thresholding_ratio": config["dynamic_thresholding_ratio"],
+                     "sample_max_value": config["sample_max_value"]} if config["thresholding"] else {}
         x = sample_ddim(denoiser, z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
                         clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
-                        use_clipped_model_output=use_clipped_model_output, **solver_options)
+                        use_clipped_model_output=use_clipped_model_output, **threshold, **solver_options)
         return x / math.sqrt(1 + sigmas[-1].item() ** 2)
 
 
@@ -342,7 +391,8 @@ class SolverPipeline(ImagePipeline):
         return {"sampler": self.sampler_name, **self.settings}
 
     @classmethod
-    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float]) -> SigmaScheduler:
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float],
+                      denoiser: Denoiser | None = None) -> SigmaScheduler:
         """A σ schedule over (σ_min, σ_max), shaped by the sampler's `schedule` and `rho` settings if it has them."""
         return SigmaScheduler(*sigma_range, sigma_schedule=settings.get("schedule", "karras"),
                               rho=settings.get("rho", 7.0))

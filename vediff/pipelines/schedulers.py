@@ -1,7 +1,9 @@
 """Schedulers with the API of diffusers 0.42's KarrasVeScheduler, ScoreSdeVeScheduler and DDIMScheduler.
 
-Each keeps its constructor arguments in `config`. The step methods take tensors and return output dataclasses (or
-tuples with `return_dict=False`). Their arithmetic is the step functions of `vediff.sampling.solvers`, whose sampler
+Each keeps its constructor arguments in `config` (read as `config.name` or `config["name"]`), saves and loads them in
+diffusers' format (`save_pretrained`, `from_pretrained(folder, subfolder="scheduler")`, `from_config`), and has
+diffusers' `order`. The step methods take tensors and return output dataclasses that read like diffusers' (by name,
+by position, as a mapping), or tuples with `return_dict=False`. Their arithmetic is the step functions of `vediff.sampling.solvers`, whose sampler
 loops run the same algorithms over a σ schedule.
 
 Constructor and `__call__` defaults are diffusers' own, kept so code written for diffusers behaves the same here;
@@ -11,19 +13,27 @@ vediff's entry points (SamplerConfig, sample.py, the callbacks) take theirs from
 from __future__ import annotations
 
 import inspect
-import json
 import math
-from dataclasses import astuple, dataclass, fields
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from vediff.models.preconditioning import check_sigma_range
+from vediff.models.vp import (
+    MIN_ALPHA_CUMPROD,
+    PREDICTION_TYPES,
+    BetaSchedule,
+    PredictionType,
+    vp_alphas_cumprod,
+    vp_to_ve_sigma,
+    vp_x0_and_eps,
+)
 from vediff.sampling.schedules import (
     Spacing,
     append_zero,
-    ddim_alphas_cumprod,
     ddim_timesteps,
     karras_sigmas,
     score_sde_ve_sigmas,
@@ -33,26 +43,40 @@ from vediff.sampling.solvers import (
     Generators,
     churn,
     ddim_step,
+    dynamic_threshold,
     euler_step,
     heun_step,
     langevin_step,
     randn,
     reverse_diffusion_step,
 )
-from vediff.utils import ConfigError, append_dims, check_number, write_json
+from vediff.utils import ConfigError, append_dims, check_number, read_json_object, write_json
 
 
 class Output:
-    """Dataclass outputs readable by attribute, by key (`out["derivative"]`) or by position, as diffusers' are."""
+    """Dataclass outputs readable as diffusers' are: by attribute, by key (`out["derivative"]`), by position
+    (`out[0] is out.prev_sample`) and as a mapping (`keys`, `values`, `items`); fields left None are not listed."""
 
     def __getitem__(self, key: str | int) -> Any:
-        return getattr(self, key) if isinstance(key, str) else astuple(self)[key]
+        return getattr(self, key) if isinstance(key, str) else getattr(self, self.keys()[key])
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(zip(self.keys(), self.values(), strict=True))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     def to_tuple(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.keys())
+        return tuple(self.values())
 
 
 @dataclass
@@ -86,44 +110,73 @@ def sigma_schedule(config: dict[str, Any], n: int) -> torch.Tensor:
     return karras_sigmas(n, config["sigma_min"], config["sigma_max"], config["rho"])
 
 
-class Scheduler:
-    """Keeps the constructor arguments as `config`; `save_config`/`from_config` write and read them as JSON."""
+class SchedulerConfig(dict):
+    """A scheduler's constructor arguments, read as `config.name` or `config["name"]` (diffusers' `FrozenDict`)."""
 
-    config: dict[str, Any]
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no '{name}'; it holds {', '.join(self)}") from None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError("a scheduler's config is read-only; build a new one with from_config(config, name=value)")
+
+
+class Scheduler:
+    """Keeps the constructor arguments as `config`; `save_pretrained`/`from_pretrained` write and read them as JSON
+    in diffusers' layout, so configs written by either library load in the other.
+
+    `order` is the number of model evaluations per step, as diffusers counts it.
+    """
+
+    config: SchedulerConfig
     config_name = "scheduler_config.json"
+    order = 1
 
     def _store_config(self, **config: Any) -> None:
-        self.config = dict(config)
+        self.config = SchedulerConfig(config)
 
     def save_config(self, save_directory: str | Path) -> Path:
         """Write `<save_directory>/scheduler_config.json`: the class name and the constructor arguments."""
         path = Path(save_directory) / self.config_name
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"_class_name": type(self).__name__, **self.config})
         return path
 
+    save_pretrained = save_config
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **overrides: Any
+    ) -> Scheduler:
+        """A scheduler from a folder holding scheduler_config.json (e.g. a pipeline folder with
+        `subfolder="scheduler"`), written by vediff or diffusers; `overrides` win."""
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        return cls.from_config(folder / cls.config_name, **overrides)
+
     @classmethod
     def from_config(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> Scheduler:
-        """A scheduler from a config dict, a scheduler_config.json, or the folder holding one; `overrides` win.
+        """A scheduler from a config (another scheduler's `config`, a dict, a scheduler_config.json or its folder).
 
+        Called on a scheduler class, that class is built from whatever config it is given, as in diffusers (a DDPM
+        config makes a DDIMScheduler with the same β schedule); keys it does not take are ignored with a warning.
         Called on `Scheduler` itself, the class is the one the config names.
         """
         if not isinstance(config, dict):
             path = Path(config)
-            path = path / cls.config_name if path.is_dir() else path
-            try:
-                config = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ConfigError(f"cannot read scheduler config '{path}' ({error})") from None
+            config = read_json_object(path / cls.config_name if path.is_dir() else path, "scheduler config: ")
         config = {**config, **overrides}
         name = config.get("_class_name", cls.__name__)
         target = cls if cls is not Scheduler else SCHEDULERS.get(name)
-        if target is None or name != target.__name__:
-            raise ConfigError(f"the scheduler config is for {name}, not {cls.__name__}; load it with {name} or pass "
-                              "a config of this scheduler")
+        if target is None:
+            raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}; load its config with one "
+                              "of them, e.g. DDIMScheduler.from_config(config)")
         accepted = set(inspect.signature(target.__init__).parameters) - {"self"}
-        unknown = {k for k in config if not k.startswith("_")} - accepted
-        if unknown:
-            raise ConfigError(f"{name}: unknown config keys {sorted(unknown)}; accepted: {sorted(accepted)}")
+        ignored = sorted({k for k in config if not k.startswith("_")} - accepted)
+        if ignored:
+            warnings.warn(f"{target.__name__} ignores config keys {ignored} (it takes {sorted(accepted)})",
+                          stacklevel=2)
         return target(**{k: v for k, v in config.items() if k in accepted})
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
@@ -154,6 +207,8 @@ class KarrasVeScheduler(Scheduler):
         sigma_schedule: "ve" (geometric in σ) or "karras" (EDM's ρ schedule).
         rho: ρ of the "karras" schedule (EDM: 7).
     """
+
+    order = 2
 
     # diffusers' defaults (EDM Table 5's VE settings), for the reference API only; vediff's are in the registry.
     def __init__(
@@ -314,13 +369,14 @@ class ScoreSdeVeScheduler(Scheduler):
         """k = ⌊t·(N − 1)⌋, computed in float32 as diffusers does."""
         return (timesteps.float().cpu() * (len(self.timesteps) - 1)).long()
 
-    def update_sigmas(self) -> torch.Tensor:
-        """The predictor's noise levels per step, σ^d_{k_0}, …, σ^d_{k_{N−1}}, then the level below the last (σ^d_{−1}
-        := 0): the `sigmas` argument of `vediff.sampling.solvers.sample_score_sde_ve`."""
+    def predictor_sigmas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predictor's noise levels per step: (σ^d_{k_i}, σ^d_{k_i − 1}) for i < N, with σ^d_{−1} := 0. Two steps
+        share a grid level k when sampling_eps·(N − 1) ≥ 1; each still steps down one level, as Song et al.'s code
+        does. The `sigmas` and `sigmas_below` of `vediff.sampling.solvers.sample_score_sde_ve`."""
         self._require_timesteps()
         k = self.grid_indices(self.timesteps)
-        below = torch.where(k[-1:] > 0, self.discrete_sigmas[(k[-1:] - 1).clamp(min=0)], torch.zeros(1))
-        return torch.cat([self.discrete_sigmas[k], below])
+        below = torch.where(k > 0, self.discrete_sigmas[(k - 1).clamp(min=0)], torch.zeros(len(k)))
+        return self.discrete_sigmas[k], below
 
     def step_pred(
         self,
@@ -336,7 +392,7 @@ class ScoreSdeVeScheduler(Scheduler):
         sigma = self.discrete_sigmas[k]
         below = torch.where(k == 0, torch.zeros_like(sigma), self.discrete_sigmas[(k - 1).clamp(min=0)])
         g_squared = append_dims((sigma**2 - below**2).to(sample.device, sample.dtype), sample.ndim)
-        noise = randn(sample.shape, generator, sample.device).to(sample.dtype)
+        noise = randn(sample.shape, generator, sample.device, sample.dtype)  # in the sample's dtype, as diffusers
         prev_sample, prev_sample_mean = reverse_diffusion_step(sample, model_output, g_squared, noise)
         if not return_dict:
             return prev_sample, prev_sample_mean
@@ -368,24 +424,35 @@ class ScoreSdeVeScheduler(Scheduler):
         return self.config["num_train_timesteps"]
 
 
-# DDIM (Song, Meng, Ermon 2021), eq. 12 and §4.2, on DDPM's linear β schedule.
+# DDIM (Song, Meng, Ermon 2021), eq. 12 and §4.2, on a discrete VP β schedule.
 class DDIMScheduler(Scheduler):
-    """DDIM in the VP form of the paper; `model_output` is the predicted noise ε̂.
+    """DDIM in the VP form of the paper, for networks predicting ε, v or x_0 (`prediction_type`).
 
-    Unlike diffusers' DDIMScheduler, each step goes to the actual next entry of the timestep list (it uses t − T/N,
-    which is wrong for "linspace" and for "trailing" when N does not divide T); for "leading" spacing both agree.
+    `step(model_output, t, sample)` goes from t to the next entry of the timestep list, matched by position: repeated
+    entries (the paper's "quadratic" list for N ≥ 30) make identity steps, as in the paper's code. A t that is not on
+    the list steps to t − ⌊T/N⌋, as diffusers 0.42's DDIMScheduler steps every t; that rule is also the list's own for
+    "leading" spacing, whose last step goes to t − ⌊T/N⌋ as in diffusers (ᾱ = 1 unless `steps_offset` ≥ ⌊T/N⌋). For
+    "linspace", and for "trailing" when N does not divide T, diffusers' rule skips or repeats parts of the list;
+    vediff steps along the list instead, ending at ᾱ = 1.
 
     Args:
         num_train_timesteps: T, the number of training timesteps.
         beta_start: β at t = 0.
         beta_end: β at t = T − 1.
-        beta_schedule: "linear" (DDPM) or "scaled_linear".
+        beta_schedule: "linear" (DDPM), "scaled_linear" (latent diffusion) or "squaredcos_cap_v2" (improved DDPM's
+            cosine schedule).
+        trained_betas: The β_t themselves (T of them), overriding the three arguments above.
         clip_sample: Clip the predicted x0 to [−clip_sample_range, clip_sample_range].
-        set_alpha_to_one: The step after t = 0 goes to ᾱ = 1 (noise-free); otherwise to ᾱ_0.
+        set_alpha_to_one: The step after the last timestep goes to ᾱ = 1 (noise-free); otherwise to ᾱ_0.
         steps_offset: Added to every "leading" timestep.
-        prediction_type: Only "epsilon" (the model output is ε̂).
-        timestep_spacing: "leading", "trailing", "linspace" or the paper's "quadratic".
+        prediction_type: What the network predicts: "epsilon" (ε̂), "v_prediction" (v̂) or "sample" (x̂_0).
+        thresholding: Imagen's dynamic thresholding of the predicted x0 (instead of clipping).
+        dynamic_thresholding_ratio: The quantile of |x0| that thresholding scales to 1.
         clip_sample_range: Clipping bound for the predicted x0.
+        sample_max_value: Largest threshold dynamic thresholding may use.
+        timestep_spacing: "leading", "trailing", "linspace" or the paper's "quadratic".
+        rescale_betas_zero_snr: Rescale the schedule to zero terminal SNR (Lin et al. 2024); the pipelines, which
+            work in σ, start such a schedule at ᾱ = 2⁻²⁴ instead of 0.
     """
 
     # diffusers' defaults (DDPM's CIFAR-10 schedule), for the reference API only; vediff's are in the registry.
@@ -394,56 +461,97 @@ class DDIMScheduler(Scheduler):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: Literal["linear", "scaled_linear"] = "linear",
+        beta_schedule: BetaSchedule = "linear",
+        trained_betas: list[float] | None = None,
         clip_sample: bool = True,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
-        prediction_type: Literal["epsilon"] = "epsilon",
-        timestep_spacing: Spacing = "leading",
+        prediction_type: PredictionType = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: Spacing = "leading",
+        rescale_betas_zero_snr: bool = False,
     ) -> None:
-        if prediction_type != "epsilon":
-            raise ValueError(f"DDIMScheduler: prediction_type '{prediction_type}' is not supported; use 'epsilon'")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"DDIMScheduler: prediction_type '{prediction_type}' is not one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
         if timestep_spacing not in ("leading", "trailing", "linspace", "quadratic"):
             raise ValueError(f"DDIMScheduler: timestep_spacing '{timestep_spacing}' is not one of leading, "
                              "trailing, linspace, quadratic")
+        check_number("DDIMScheduler: dynamic_thresholding_ratio", dynamic_thresholding_ratio, at_least=0)
+        if dynamic_thresholding_ratio > 1:
+            raise ValueError(f"DDIMScheduler: dynamic_thresholding_ratio ({dynamic_thresholding_ratio}) is a quantile "
+                             "and must be at most 1")
+        check_number("DDIMScheduler: sample_max_value", sample_max_value, at_least=1, allow_inf=True)
+        if trained_betas is not None:
+            trained_betas = [float(beta) for beta in trained_betas]
+            if len(trained_betas) != num_train_timesteps:
+                raise ValueError(f"DDIMScheduler: trained_betas holds {len(trained_betas)} values and "
+                                 f"num_train_timesteps is {num_train_timesteps}; make them agree")
+        self.alphas_cumprod = vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                trained_betas, rescale_betas_zero_snr)
         self._store_config(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                           beta_schedule=beta_schedule, clip_sample=clip_sample, set_alpha_to_one=set_alpha_to_one,
-                           steps_offset=steps_offset, prediction_type=prediction_type,
-                           timestep_spacing=timestep_spacing, clip_sample_range=clip_sample_range)
-        self.alphas_cumprod = ddim_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+                           beta_schedule=beta_schedule, trained_betas=trained_betas, clip_sample=clip_sample,
+                           set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+                           prediction_type=prediction_type, thresholding=thresholding,
+                           dynamic_thresholding_ratio=dynamic_thresholding_ratio, clip_sample_range=clip_sample_range,
+                           sample_max_value=sample_max_value, timestep_spacing=timestep_spacing,
+                           rescale_betas_zero_snr=rescale_betas_zero_snr)
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
-        self._previous: dict[int, int] = {}
+        self._steps: list[int] = []
+        self._step_index = 0
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The N timesteps to visit, descending, by `timestep_spacing`."""
         c = self.config
-        steps = ddim_timesteps(c["num_train_timesteps"], num_inference_steps, c["timestep_spacing"], c["steps_offset"])
+        self._steps = ddim_timesteps(c["num_train_timesteps"], num_inference_steps, c["timestep_spacing"],
+                                     c["steps_offset"])
+        if self._steps[0] >= c["num_train_timesteps"]:
+            raise ValueError(f"DDIMScheduler: steps_offset {c['steps_offset']} puts timestep {self._steps[0]} past "
+                             f"num_train_timesteps ({c['num_train_timesteps']}); lower steps_offset")
         self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.tensor(steps, device=device)
-        self._previous = dict(zip(steps, [*steps[1:], -1], strict=True))
+        self.timesteps = torch.tensor(self._steps, device=device)
+        self._step_index = 0
 
     def alpha_cumprod(self, timestep: int) -> float:
         """ᾱ_t, with ᾱ_{−1} = 1 (or ᾱ_0 when set_alpha_to_one is off)."""
         return float(self.alphas_cumprod[timestep]) if timestep >= 0 else self.final_alpha_cumprod
 
+    def _jump(self) -> int:
+        return self.config["num_train_timesteps"] // self.num_inference_steps
+
+    def _previous_at(self, position: int) -> int:
+        """The timestep after list position `position` (negative: the final ᾱ)."""
+        if position + 1 < len(self._steps):
+            return self._steps[position + 1]
+        return self._steps[-1] - self._jump() if self.config["timestep_spacing"] == "leading" else -1
+
+    def _position(self, timestep: int) -> int | None:
+        """Where `timestep` is on the list: the step counter's position if it holds that value, else its first
+        occurrence, else None."""
+        if self._step_index < len(self._steps) and self._steps[self._step_index] == timestep:
+            return self._step_index
+        return self._steps.index(timestep) if timestep in self._steps else None
+
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The entry after `timestep` in the list (−1 after the last)."""
+        """The timestep a step from `timestep` goes to (negative: the final ᾱ)."""
         self._require_timesteps()
         timestep = int(timestep)
-        if timestep not in self._previous:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; call set_timesteps first")
-        return self._previous[timestep]
+        position = self._position(timestep)
+        return timestep - self._jump() if position is None else self._previous_at(position)
 
     def sigmas(self) -> torch.Tensor:
-        """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the final ᾱ (0 by default):
-        the `sigmas` argument of `vediff.sampling.solvers.sample_ddim`."""
+        """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the ᾱ the last step reaches
+        (0 by default): the `sigmas` argument of `vediff.sampling.solvers.sample_ddim`."""
         self._require_timesteps()
-        alphas = [self.alpha_cumprod(int(t)) for t in self.timesteps] + [self.final_alpha_cumprod]
-        return ((1 - torch.tensor(alphas, dtype=torch.float64)) / torch.tensor(alphas, dtype=torch.float64)).sqrt()
+        steps = [*self._steps, self._previous_at(len(self._steps) - 1)]
+        alphas = torch.tensor([self.alpha_cumprod(t) for t in steps], dtype=torch.float64)
+        return vp_to_ve_sigma(alphas.clamp(min=MIN_ALPHA_CUMPROD))
 
     def step(
         self,
@@ -458,17 +566,24 @@ class DDIMScheduler(Scheduler):
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM step from `timestep` to the next entry of the list (paper eq. 12)."""
         check_number("eta", eta, at_least=0)
-        alpha = self.alpha_cumprod(int(timestep))
-        alpha_prev = self.alpha_cumprod(self.previous_timestep(timestep))
-        pred_original_sample = (sample - math.sqrt(1 - alpha) * model_output) / math.sqrt(alpha)
-        eps = model_output
-        if self.config["clip_sample"]:
-            bound = self.config["clip_sample_range"]
-            pred_original_sample = pred_original_sample.clamp(-bound, bound)
+        self._require_timesteps()
+        c = self.config
+        timestep = int(timestep)
+        position = self._position(timestep)
+        previous = timestep - self._jump() if position is None else self._previous_at(position)
+        if position is not None:
+            self._step_index = position + 1
+        alpha, alpha_prev = self.alpha_cumprod(timestep), self.alpha_cumprod(previous)
+        pred_original_sample, eps = vp_x0_and_eps(model_output, sample, alpha, c["prediction_type"])
+        if c["thresholding"]:
+            pred_original_sample = dynamic_threshold(pred_original_sample, c["dynamic_thresholding_ratio"],
+                                                     c["sample_max_value"])
+        elif c["clip_sample"]:
+            pred_original_sample = pred_original_sample.clamp(-c["clip_sample_range"], c["clip_sample_range"])
         if use_clipped_model_output:
             eps = (sample - math.sqrt(alpha) * pred_original_sample) / math.sqrt(1 - alpha)
         if eta > 0 and variance_noise is None:
-            variance_noise = randn(model_output.shape, generator, model_output.device).to(model_output.dtype)
+            variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
         prev_sample = ddim_step(pred_original_sample, eps, alpha, alpha_prev, eta, variance_noise)
         if not return_dict:
             return prev_sample, pred_original_sample

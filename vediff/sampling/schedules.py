@@ -57,23 +57,6 @@ def score_sde_ve_sigmas(sigma_min: float, sigma_max: float, t: torch.Tensor) -> 
     return sigma_min * (sigma_max / sigma_min) ** t
 
 
-# DDPM (Ho et al. 2020) linear β; "scaled_linear" as in latent diffusion; ᾱ_t = Π (1 − β).
-def ddim_alphas_cumprod(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    beta_schedule: Literal["linear", "scaled_linear"] = "linear",
-) -> torch.Tensor:
-    """ᾱ_t for t = 0 … T−1 (float64)."""
-    if beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    else:
-        raise ValueError(f"beta_schedule: '{beta_schedule}' is not 'linear' or 'scaled_linear'")
-    return torch.cumprod(1 - betas, dim=0)
-
-
 # DDIM (Song, Meng, Ermon 2021) §D.2 and diffusers' spacings.
 def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing = "leading", steps_offset: int = 0) -> list[int]:
     """The N training timesteps DDIM visits, descending.
@@ -96,8 +79,3 @@ def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing = "leading
     else:
         raise ValueError(f"timestep_spacing: '{spacing}' is not one of leading, trailing, linspace, quadratic")
     return sorted((int(s) for s in steps), reverse=True)
-
-
-def vp_to_ve_sigma(alpha_cumprod: torch.Tensor) -> torch.Tensor:
-    """σ = √((1 − ᾱ)/ᾱ): the VE noise level of a VP state x_vp = √ᾱ·x_ve."""
-    return ((1 - alpha_cumprod) / alpha_cumprod).sqrt()

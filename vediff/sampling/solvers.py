@@ -26,21 +26,25 @@ Callback = Callable[[dict], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str) -> torch.Tensor:
-    """Float32 standard normal noise; with a list of generators, image i is drawn from generator i alone.
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal noise (float32 unless `dtype`); with a list of generators, image i is drawn from generator i
+    alone.
 
     Noise is drawn on each generator's own device, then moved, so a CPU generator gives the same numbers whatever
     device the sampler runs on (as diffusers' `randn_tensor` does).
     """
     shape = tuple(shape)
     if generator is None:
-        return torch.randn(shape, device=device)
+        return torch.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"generator: {len(generator)} generators given for a batch of {shape[0]} images")
     # One draw per image is inherent to per-image generators; it is the only loop over images.
-    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    draws = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+    return torch.stack(draws).to(device)
 
 
 def noise_from(generator: Generators) -> Noise:
@@ -131,6 +135,14 @@ def ddim_step(
     return x_prev + std * z if eta > 0 else x_prev
 
 
+# Imagen (Saharia et al. 2022) §2.3, dynamic thresholding.
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Clamp each image's x̂_0 to [−s, s] and divide by s, s = its `ratio` quantile of |x̂_0| kept in [1, max_value]."""
+    s = torch.quantile(x0.flatten(1).abs().float(), ratio, dim=1).clamp(1, max_value).to(x0.dtype)
+    s = append_dims(s, x0.ndim)
+    return x0.clamp(-s, s) / s
+
+
 # EDM (Karras et al. 2022) Algorithm 2: stochastic churn, Euler step, second-order (Heun) correction.
 def sample_karras_ve(
     denoiser: Denoiser,
@@ -175,6 +187,7 @@ def sample_score_sde_ve(
     snr: float = 0.16,
     correct_steps: int = 1,
     model_sigmas: torch.Tensor | None = None,
+    sigmas_below: torch.Tensor | None = None,
     step_size_per_sample: bool = True,
     noise: Noise | None = None,
     callback: Callback | None = None,
@@ -182,17 +195,19 @@ def sample_score_sde_ve(
 ) -> torch.Tensor:
     """Score-SDE VE predictor–corrector (Song et al. 2021): N·(correct_steps + 1) evaluations.
 
-    Step i runs `correct_steps` Langevin corrections, then one reverse-diffusion step from σ_i to σ_{i+1}
-    (G² = σ_i² − σ_{i+1}²). The score is evaluated at `model_sigmas[i]` (the continuous σ(t_i) of Song et al.'s code; by
-    default σ_i). Returns the last noise-free mean. Song et al.'s code averages the Langevin step size over the batch,
-    which couples the images of a batch; `step_size_per_sample` (the default) makes each image depend on its own noise
-    only.
+    Step i runs `correct_steps` Langevin corrections, then one reverse-diffusion step from σ_i down to `sigmas_below[i]`
+    (G² = σ_i² − below_i²; by default below_i = σ_{i+1}). Song et al.'s code steps from each grid level to the one below
+    it, which differs from σ_{i+1} when two steps share a grid level. The score is evaluated at `model_sigmas[i]` (the
+    continuous σ(t_i) of Song et al.'s code; by default σ_i). Returns the last noise-free mean. Song et al.'s code
+    averages the Langevin step size over the batch, which couples the images of a batch; `step_size_per_sample` (the
+    default) makes each image depend on its own noise only.
     """
     check_number("snr", snr, at_least=0)
     check_count("correct_steps", correct_steps, 0)
     noise = noise or noise_from(None)
     sigma_list = _sigma_list(sigmas)
     model_list = sigma_list[:-1] if model_sigmas is None else [float(s) for s in model_sigmas]
+    below_list = sigma_list[1:] if sigmas_below is None else _sigma_list(sigmas_below)
     x_mean = x
     for i in _steps(len(sigma_list) - 1, progress):
         sigma_model = model_list[i]
@@ -201,7 +216,7 @@ def sample_score_sde_ve(
             x = langevin_step(x, score, noise(x), snr, step_size_per_sample)
         denoised = _denoise(denoiser, x, sigma_model)
         score = (denoised - x) / sigma_model**2
-        x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - sigma_list[i + 1] ** 2, noise(x))
+        x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - below_list[i] ** 2, noise(x))
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma_list[i], "sigma_hat": sigma_model, "denoised": denoised})
     return x_mean
@@ -217,12 +232,17 @@ def sample_ddim(
     clip_denoised: bool = False,
     clip_range: float = 1.0,
     use_clipped_model_output: bool = False,
+    dynamic_thresholding_ratio: float | None = None,
+    sample_max_value: float = 1.0,
     noise: Noise | None = None,
     callback: Callback | None = None,
     progress: bool | dict = False,
 ) -> torch.Tensor:
     """DDIM over any σ schedule: η = 0 is the deterministic DDIM (an Euler step of the probability-flow ODE), η = 1 is
-    DDPM-like. Equals the VP-form DDIM of the paper with ε̂ = (x − D)/σ, x_vp = x/√(1 + σ²). N evaluations."""
+    DDPM-like. Equals the VP-form DDIM of the paper with ε̂ = (x − D)/σ, x_vp = x/√(1 + σ²). N evaluations.
+
+    `clip_denoised` clamps D to ±`clip_range`; a `dynamic_thresholding_ratio` applies Imagen's dynamic thresholding
+    instead (as diffusers' DDIMScheduler does when both are set)."""
     check_number("eta", eta, at_least=0)
     noise = noise or noise_from(None)
     sigma_list = _sigma_list(sigmas)
@@ -230,8 +250,11 @@ def sample_ddim(
         sigma, sigma_prev = sigma_list[i], sigma_list[i + 1]
         denoised = _denoise(denoiser, x, sigma)
         eps = (x - denoised) / sigma
-        if clip_denoised:
-            denoised = denoised.clamp(-clip_range, clip_range)
+        if dynamic_thresholding_ratio is not None or clip_denoised:
+            if dynamic_thresholding_ratio is not None:
+                denoised = dynamic_threshold(denoised, dynamic_thresholding_ratio, sample_max_value)
+            else:
+                denoised = denoised.clamp(-clip_range, clip_range)
             if use_clipped_model_output:
                 eps = (x - denoised) / sigma
         alpha, alpha_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_prev**2)
