@@ -56,8 +56,8 @@ def main() -> None:
                 pipeline = getattr(library, name).from_pretrained(folder).to(args.device)
                 pipeline.set_progress_bar_config(disable=True)
                 seconds[library.__name__] = median_seconds(
-                    lambda p=pipeline: p(batch_size=args.batch_size, num_inference_steps=args.steps,
-                                         generator=torch.Generator().manual_seed(0), output_type="np", **call),
+                    lambda p=pipeline, c=call: p(batch_size=args.batch_size, num_inference_steps=args.steps,
+                                                 generator=torch.Generator().manual_seed(0), output_type="np", **c),
                     repeat=args.repeat)
             ours, theirs = seconds["vediff"], seconds["diffusers"]
             rows.append([label, nfe, f"{args.batch_size / ours:.2f}", f"{args.batch_size / theirs:.2f}",

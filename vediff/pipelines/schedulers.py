@@ -3,8 +3,8 @@
 Each keeps its constructor arguments in `config` (read as `config.name` or `config["name"]`), saves and loads them in
 diffusers' format (`save_pretrained`, `from_pretrained(folder, subfolder="scheduler")`, `from_config`), and has
 diffusers' `order`. The step methods take tensors and return output dataclasses that read like diffusers' (by name,
-by position, as a mapping), or tuples with `return_dict=False`. Their arithmetic is the step functions of `vediff.sampling.solvers`, whose sampler
-loops run the same algorithms over a σ schedule.
+by position, as a mapping), or tuples with `return_dict=False`. Their arithmetic is the step functions of
+`vediff.sampling.solvers`, whose sampler loops run the same algorithms over a σ schedule.
 
 Constructor and `__call__` defaults are diffusers' own, kept so code written for diffusers behaves the same here;
 vediff's entry points (SamplerConfig, sample.py, the callbacks) take theirs from the sampler registry instead.
