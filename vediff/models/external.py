@@ -126,7 +126,7 @@ class VPDenoiser(ExternalDenoiser):
         super().__init__(unet, math.exp(log_sigmas[0]), math.exp(log_sigmas[-1]), data_range)
         self.prediction_type = prediction_type
         self.timestep_mapping = timestep_mapping
-        self.log_sigmas = log_sigmas  # float64 on the CPU; not a buffer, so .to(dtype) cannot round it
+        self.log_sigmas = log_sigmas  # float64; not a buffer, so .to(dtype) cannot round it
 
     @property
     def config(self) -> dict[str, Any]:
@@ -136,7 +136,9 @@ class VPDenoiser(ExternalDenoiser):
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network timestep for each σ (float64, shape of `sigma`)."""
-        grid = self.log_sigmas.to(sigma.device)
+        if self.log_sigmas.device != sigma.device:  # moved once, not on every network call
+            self.log_sigmas = self.log_sigmas.to(sigma.device)
+        grid = self.log_sigmas
         log_sigma = sigma.to(torch.float64).log().clamp(grid[0], grid[-1])
         high = torch.searchsorted(grid, log_sigma).clamp(1, len(grid) - 1)
         low = high - 1

@@ -541,9 +541,12 @@ class DDIMScheduler(Scheduler):
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep a step from `timestep` goes to (negative: the final ᾱ)."""
         self._require_timesteps()
-        timestep = int(timestep)
+        return self._destination(int(timestep))[1]
+
+    def _destination(self, timestep: int) -> tuple[int | None, int]:
+        """(list position of `timestep` or None, the timestep a step from it goes to)."""
         position = self._position(timestep)
-        return timestep - self._jump() if position is None else self._previous_at(position)
+        return position, timestep - self._jump() if position is None else self._previous_at(position)
 
     def sigmas(self) -> torch.Tensor:
         """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the ᾱ the last step reaches
@@ -569,8 +572,7 @@ class DDIMScheduler(Scheduler):
         self._require_timesteps()
         c = self.config
         timestep = int(timestep)
-        position = self._position(timestep)
-        previous = timestep - self._jump() if position is None else self._previous_at(position)
+        position, previous = self._destination(timestep)
         if position is not None:
             self._step_index = position + 1
         alpha, alpha_prev = self.alpha_cumprod(timestep), self.alpha_cumprod(previous)
