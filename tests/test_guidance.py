@@ -16,6 +16,8 @@ from vediff import (
     KarrasVeScheduler,
     ScoreSdeVePipeline,
     ScoreSdeVeScheduler,
+    SigmaScheduler,
+    SolverPipeline,
     UNet2D,
     guided,
 )
@@ -79,6 +81,9 @@ PIPELINES = {
     # Guided predictions leave [-1, 1] at large σ (3·0.6 > 1). DDIM's default clip_sample then clips x̂0 but not ε̂,
     # and the mismatch, added at every step, drives samples to the wrong edge: guide DDIM without clipping.
     "ddim": (lambda d: DDIMPipeline(d, DDIMScheduler(clip_sample=False)), dict(num_inference_steps=100)),
+    # The few-step solvers' stochastic members, whose fresh noise must not carry samples out of their class.
+    **{name: (lambda d, name=name: SolverPipeline(d, SigmaScheduler(0.002, 80), name), dict(num_inference_steps=40))
+       for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")},
 }
 
 

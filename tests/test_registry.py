@@ -5,6 +5,7 @@ everywhere with no other edit."""
 import dataclasses
 import inspect
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from vediff import (
     ImagePipeline,
     Sampler,
     SamplerConfig,
+    Setting,
     SigmaScheduler,
     SolverPipeline,
     UNet2D,
@@ -42,6 +44,16 @@ class GaussianDenoiser:
         return (0.25**2 * x + sigma**2 * self.mu) / (0.25**2 + sigma**2)
 
 
+class CountingDenoiser(GaussianDenoiser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        return super().__call__(x, sigma)
+
+
 def parse(*flags: str) -> SamplerConfig:
     return sampler_config(build_parser().parse_args(list(flags)))
 
@@ -56,11 +68,36 @@ def test_the_registry_is_what_sample_py_offers_and_samplerconfig_holds():
     fields = {field.name: field for field in dataclasses.fields(SamplerConfig)}
     dests = {action.dest for action in parser._actions}
     for entry in SAMPLERS.values():
-        assert SamplerConfig(sampler=entry.name).num_steps == entry.default_steps
+        config = SamplerConfig(sampler=entry.name)
+        assert config.num_steps == entry.default_steps
         for setting in entry.settings:
-            assert fields[setting.name].default == setting.default
+            # A field holds the default, or None where samplers' defaults differ (DDIM's η 0, ancestral η 1).
+            assert config.settings[setting.name] == setting.default
+            assert fields[setting.name].default in (setting.default, None)
             assert setting.name in dests
             assert setting.doc in SamplerConfig.__doc__  # --help of the training CLI reads this docstring
+
+
+def test_a_setting_shared_with_different_defaults_takes_each_samplers_own():
+    assert REGISTERED_SETTINGS["eta"].default is None and REGISTERED_SETTINGS["s_noise"].default == 1.0
+    assert parse("--sampler", "ddim").settings["eta"] == 0.0
+    assert parse("--sampler", "euler_ancestral").settings["eta"] == 1.0
+    assert parse("--sampler", "euler_ancestral", "--eta", "0.3").settings["eta"] == 0.3
+    assert "0.0 for ddim; 1.0 for euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde" in REGISTERED_SETTINGS["eta"].doc
+    with pytest.raises(ValueError, match="setting 'eta' of bad is a <class 'int'>, but a <class 'float'>"):
+        register(Sampler(name="bad", solve=sample_midpoint, summary="", default_steps=1, nfe=lambda n, s: n,
+                         settings=(Setting("eta", int, 0, ""),)))
+    assert "bad" not in SAMPLERS
+
+
+def test_nfe_is_what_the_registry_states():
+    cases = [(name, {}) for name in SAMPLERS] + [("score_sde_ve", {"correct_steps": 2}),
+                                                  ("karras_ve", {"s_churn": 40.0})]
+    for name, settings in cases:
+        denoiser = CountingDenoiser()
+        config = SamplerConfig(sampler=name, steps=7, **settings)
+        config.generate(config.pipeline(denoiser), [0, 1])
+        assert denoiser.calls == config.nfe == SAMPLERS[name].nfe(7, config.settings), name
 
 
 def test_the_settings_table_of_the_docs_is_the_registry():
@@ -92,24 +129,25 @@ def test_every_registered_sampler_runs_through_its_pipeline_and_through_solverpi
 
 
 # A non-default value per registered setting, and settings that make it matter (churn for the churn range, data
-# beyond [−1, 1] for clipping).
+# beyond [−1, 1] for clipping); SAMPLER_PROBES where a sampler needs another.
 PROBES = {
-    "schedule": ("ve", {}), "rho": (3.0, {}), "s_churn": (40.0, {}), "s_noise": (1.05, {"s_churn": 40.0}),
+    "schedule": ("ve", {}), "rho": (3.0, {}), "s_churn": (40.0, {}), "s_noise": (1.05, {}),
     "s_min": (0.5, {"s_churn": 40.0}), "s_max": (2.0, {"s_churn": 40.0}), "snr": (0.3, {}),
-    "correct_steps": (2, {}), "step_size_per_sample": (False, {}), "eta": (1.0, {}), "spacing": ("trailing", {}),
-    "clip_sample": (False, {}),
+    "correct_steps": (2, {}), "step_size_per_sample": (False, {}), "eta": (0.5, {}), "spacing": ("trailing", {}),
+    "clip_sample": (False, {}), "solver_type": ("heun", {}),
 }
+SAMPLER_PROBES = {("karras_ve", "s_noise"): (1.05, {"s_churn": 40.0}), ("ddim", "eta"): (1.0, {})}
 DATA_MEAN = {"clip_sample": 1.5}
+SAMPLER_SETTINGS = [(entry.name, setting.name) for entry in SAMPLERS.values() for setting in entry.settings]
 
 
 def test_every_setting_has_a_probe():
     assert set(PROBES) == set(REGISTERED_SETTINGS)
 
 
-@pytest.mark.parametrize("setting", list(PROBES))
-def test_each_setting_reaches_the_images_from_flags_and_from_yaml(setting, tmp_path):
-    owner = next(entry.name for entry in SAMPLERS.values() if setting in {s.name for s in entry.settings})
-    value, base = PROBES[setting]
+@pytest.mark.parametrize("owner, setting", SAMPLER_SETTINGS, ids=[f"{o}-{s}" for o, s in SAMPLER_SETTINGS])
+def test_each_setting_reaches_the_images_from_flags_and_from_yaml(owner, setting, tmp_path):
+    value, base = SAMPLER_PROBES.get((owner, setting), PROBES[setting])
 
     def flags(settings: dict) -> list[str]:
         out = ["--sampler", owner, "--steps", "4"]
@@ -122,7 +160,8 @@ def test_each_setting_reaches_the_images_from_flags_and_from_yaml(setting, tmp_p
         return out
 
     plain, probed = parse(*flags(base)), parse(*flags({**base, setting: value}))
-    assert getattr(probed, setting) == value and getattr(plain, setting) == REGISTERED_SETTINGS[setting].default
+    default = next(s.default for s in SAMPLERS[owner].settings if s.name == setting)
+    assert probed.settings[setting] == value != default and plain.settings[setting] == default
     mu = DATA_MEAN.get(setting, 0.1)
     assert not torch.allclose(images(plain, mu=mu), images(probed, mu=mu))
     # The same block as YAML (--config), and flags on top of it win.
@@ -153,33 +192,39 @@ def test_a_bad_sampler_block_is_named(tmp_path):
         parse("--config", write_yaml(tmp_path / "a.yaml", {"sampler": "ddim", "stepz": 4}))
     with pytest.raises(ConfigError, match="should be one sampler block"):
         parse("--config", write_yaml(tmp_path / "b.yaml", [{"sampler": "ddim"}]))
-    with pytest.raises(ConfigError, match="sampler: 'euler' is not one of karras_ve, score_sde_ve, ddim"):
-        parse("--config", write_yaml(tmp_path / "c.yaml", {"sampler": "euler"}))
+    with pytest.raises(ConfigError, match=f"sampler: 'eulr' is not one of {', '.join(SAMPLERS)}"):
+        parse("--config", write_yaml(tmp_path / "c.yaml", {"sampler": "eulr"}))
 
 
 # --- Adding a sampler is one function and one registry entry --------------------------------------------------------
 
-# Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the Heun correction).
-def sample_euler(denoiser, x, sigmas, *, noise=None, callback=None, progress=False):
-    """Euler steps from σ_i to σ_{i+1}: N evaluations."""
-    sigma_list = [float(s) for s in sigmas]
-    for sigma, sigma_next in itertools.pairwise(sigma_list):
-        x, _ = euler_step(x, denoiser(x, sigma).to(x.dtype), sigma, sigma_next)
+# The explicit midpoint method on the probability-flow ODE, stepping through the geometric mean of σ and σ_next
+# (DPM-Solver-2 of Lu et al. 2022 in the VE frame): a sampler vediff does not ship, registered by a test.
+def sample_midpoint(denoiser, x, sigmas, *, noise=None, callback=None, progress=False):
+    """Midpoint steps from σ_i to σ_{i+1} through √(σ_i·σ_{i+1}), an Euler step onto 0: 2N − 1 evaluations."""
+    for sigma, sigma_next in itertools.pairwise(float(s) for s in sigmas):
+        if sigma_next == 0:
+            x, _ = euler_step(x, denoiser(x, sigma).to(x.dtype), sigma, 0.0)
+            continue
+        sigma_mid = math.sqrt(sigma * sigma_next)
+        x_mid, _ = euler_step(x, denoiser(x, sigma).to(x.dtype), sigma, sigma_mid)
+        d_mid = (x_mid - denoiser(x_mid, sigma_mid).to(x.dtype)) / sigma_mid
+        x = x + (sigma_next - sigma) * d_mid
     return x
 
 
 @pytest.fixture
-def euler_registered():
-    register(Sampler(name="euler", solve=sample_euler, summary="Euler (Karras et al. 2022, Algorithm 1)",
-                     default_steps=10, nfe=lambda n, settings: n, settings=SCHEDULE_SETTINGS))
+def midpoint_registered():
+    register(Sampler(name="midpoint", solve=sample_midpoint, summary="Midpoint (Lu et al. 2022, DPM-Solver-2)",
+                     default_steps=10, nfe=lambda n, settings: 2 * n - 1, settings=SCHEDULE_SETTINGS))
     yield
-    del SAMPLERS["euler"]
+    del SAMPLERS["midpoint"]
 
 
-def test_a_registered_sampler_is_reachable_from_the_cli_yaml_and_pipelines(euler_registered, tmp_path):
-    config = parse("--sampler", "euler", "--steps", "6", "--rho", "5")
-    assert (config.nfe, config.settings) == (6, {"schedule": "karras", "rho": 5.0})
-    block = write_yaml(tmp_path / "euler.yaml", {"sampler": "euler", "steps": 6, "rho": 5.0})
+def test_a_registered_sampler_is_reachable_from_the_cli_yaml_and_pipelines(midpoint_registered, tmp_path):
+    config = parse("--sampler", "midpoint", "--steps", "6", "--rho", "5")
+    assert (config.nfe, config.settings) == (11, {"schedule": "karras", "rho": 5.0})
+    block = write_yaml(tmp_path / "midpoint.yaml", {"sampler": "midpoint", "steps": 6, "rho": 5.0})
     assert parse("--config", block) == config
     drawn = images(config, seeds=(3, 4))
     # …equal to the solver run by hand on the same noise and schedule,
@@ -188,12 +233,12 @@ def test_a_registered_sampler_is_reachable_from_the_cli_yaml_and_pipelines(euler
     pipeline.scheduler.set_timesteps(6)
     sigmas = pipeline.scheduler.sigmas
     noise = torch.stack([torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
-    by_hand = sample_euler(GaussianDenoiser(), noise * sigmas[0].item(), sigmas)
+    by_hand = sample_midpoint(GaussianDenoiser(), noise * sigmas[0].item(), sigmas)
     torch.testing.assert_close(drawn, ((by_hand + 1) / 2).clamp(0, 1))
     # …and a pipeline folder remembers which sampler it runs.
     net = UNet2D(in_channels=1, sample_size=4, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
     denoiser = EDMPrecond(net).eval()
     saved = config.pipeline(denoiser).save_pretrained(tmp_path / "pipe")
     loaded = ImagePipeline.from_pretrained(saved)
-    assert (type(loaded), loaded.sampler_name, loaded.scheduler.config["rho"]) == (SolverPipeline, "euler", 5.0)
+    assert (type(loaded), loaded.sampler_name, loaded.scheduler.config["rho"]) == (SolverPipeline, "midpoint", 5.0)
     assert torch.equal(config.generate(loaded, [0]), config.generate(config.pipeline(denoiser), [0]))

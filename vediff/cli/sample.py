@@ -92,9 +92,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in COMMON_SETTINGS:
         if setting.name != "name":
             _add_flag(group, setting, setting.doc)
-    owners = {s.name: entry.name for entry in SAMPLERS.values() for s in entry.settings}
     for setting in REGISTERED_SETTINGS.values():
-        _add_flag(group, setting, f"{owners[setting.name]}: {setting.doc}")
+        _add_flag(group, setting, setting.doc)
 
 
 def _add_flag(group: argparse._ArgumentGroup, setting: Setting, doc: str) -> None:

@@ -2,12 +2,14 @@
 
 Its fields are the registry's: the shared ones below, then every registered sampler's settings with their types,
 defaults and docs, so a sampler added to `vediff.sampling.registry.SAMPLERS` appears here, in `--help` and in YAML
-without further edits.
+without further edits. A setting whose default differs between samplers (`eta`: 0 for DDIM, 1 for the ancestral and
+SDE solvers) is a field that defaults to None, meaning the chosen sampler's own default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 
 from vediff.pipelines.pipelines import PIPELINES, ImagePipeline, SolverPipeline
 from vediff.pipelines.schedulers import Scheduler
-from vediff.sampling.registry import SAMPLERS, SCHEDULE_SETTINGS, Sampler, SamplerName, Setting
+from vediff.sampling.registry import SAMPLERS, SCHEDULE_SETTINGS, Sampler, SamplerName, Setting, setting_versions
 from vediff.utils import ConfigError, check_count, check_number
 
 # Settings every sampler has; the registry's own settings follow them.
@@ -56,9 +58,11 @@ class _SamplerConfigMethods:
             if getattr(self, field) is not None:
                 check_number(field, getattr(self, field), above=0)
         check_number("guidance_scale", self.guidance_scale)
-        values = dataclasses.asdict(self)
-        for setting in REGISTERED_SETTINGS.values():  # all of them: a NaN is a mistake even where it is unused
-            setting.check(values[setting.name], values)
+        values = {**dataclasses.asdict(self), **self.settings}
+        own = {setting.name: setting for setting in entry.settings}
+        for name, versions in SETTING_VERSIONS.items():  # all of them: a NaN is a mistake even where it is unused
+            if values[name] is not None:
+                own.get(name, next(iter(versions.values()))).check(values[name], values)
 
     @property
     def entry(self) -> Sampler:
@@ -75,8 +79,10 @@ class _SamplerConfigMethods:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """This sampler's own settings (not the other samplers')."""
-        return {setting.name: getattr(self, setting.name) for setting in self.entry.settings}
+        """This sampler's own settings (not the other samplers'), its own defaults for those left at None."""
+        values = {setting.name: getattr(self, setting.name) for setting in self.entry.settings}
+        return {setting.name: setting.default if values[setting.name] is None else values[setting.name]
+                for setting in self.entry.settings}
 
     @property
     def nfe(self) -> int:
@@ -121,23 +127,46 @@ class _SamplerConfigMethods:
                         output_type="pt", **extra, **kwargs).images
 
 
-# Each setting once, in registry order (register() has made sure shared names agree).
-REGISTERED_SETTINGS: dict[str, Setting] = {
-    setting.name: setting for entry in SAMPLERS.values() for setting in entry.settings
+# Each registered setting name, with every sampler's version of it (register() has made sure their types agree).
+SETTING_VERSIONS: dict[str, dict[str, Setting]] = {
+    setting.name: setting_versions(setting.name) for entry in SAMPLERS.values() for setting in entry.settings
 }
+
+
+def _merged(versions: dict[str, Setting]) -> Setting:
+    """One field for a setting several samplers share: its default if they agree (else None: each sampler's own),
+    and a doc naming the samplers of each version."""
+    first = next(iter(versions.values()))
+    by_doc, by_default = defaultdict(list), defaultdict(list)
+    for sampler, setting in versions.items():
+        by_doc[setting.doc].append(sampler)
+        by_default[str(setting.default)].append(sampler)
+    doc = "; ".join(f"{', '.join(samplers)}: {text}" for text, samplers in by_doc.items())
+    if len(by_default) == 1:
+        return Setting(first.name, first.type, first.default, doc, first.at_least, first.above)
+    defaults = "; ".join(f"{value} for {', '.join(samplers)}" for value, samplers in by_default.items())
+    return Setting(first.name, first.type, None, f"{doc} (default: {defaults})", first.at_least, first.above)
+
+
+# Each setting once, as a SamplerConfig field and a sample.py flag, in registry order.
+REGISTERED_SETTINGS: dict[str, Setting] = {name: _merged(versions) for name, versions in SETTING_VERSIONS.items()}
 
 
 def _docstring() -> str:
     lines = ["One sampler and its settings; σ bounds left unset are the model's own training range.", "", "Args:"]
     lines += [f"    {s.name}: {s.doc[0].upper()}{s.doc[1:]}." for s in COMMON_SETTINGS]
-    for entry in SAMPLERS.values():
-        lines += [f"    {s.name}: {entry.name}: {s.doc}." for s in entry.settings]
+    lines += [f"    {s.name}: {s.doc}." for s in REGISTERED_SETTINGS.values()]
     return "\n".join(lines) + "\n"
+
+
+def _field(setting: Setting) -> tuple[str, Any, dataclasses.Field]:
+    kind = setting.type if setting.default is not None else setting.type | None
+    return setting.name, kind, dataclasses.field(default=setting.default)
 
 
 SamplerConfig = dataclasses.make_dataclass(
     "SamplerConfig",
-    [(s.name, s.type, dataclasses.field(default=s.default)) for s in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())],
+    [_field(s) for s in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())],
     bases=(_SamplerConfigMethods,),
     namespace={"__doc__": _docstring(), "__module__": __name__},
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from vediff.pipelines.schedulers import (
     SigmaScheduler,
 )
 from vediff.sampling.registry import SAMPLERS
-from vediff.sampling.schedules import append_zero
+from vediff.sampling.schedules import append_zero, given_sigmas
 from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
 from vediff.utils import ConfigError, check_number, package_version, write_json
 
@@ -401,8 +402,30 @@ class SolverPipeline(ImagePipeline):
     def default_steps(self) -> int:
         return SAMPLERS[self.sampler_name].default_steps
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps)
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: Generators = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw `batch_size` images in `num_inference_steps` steps of the scheduler's σ schedule (default: the
+        registry's steps), or over `sigmas`: any strictly descending list of noise levels, a final 0 optional."""
+        if sigmas is None:
+            return super().__call__(batch_size, num_inference_steps, generator, output_type, return_dict, **kwargs)
+        steps = len(given_sigmas(sigmas))
+        if num_inference_steps is not None and num_inference_steps != steps:
+            raise ValueError(f"num_inference_steps: {num_inference_steps} disagrees with the {steps} levels of "
+                             "sigmas; give one of them")
+        return self._generate(batch_size, steps, generator, output_type, return_dict, kwargs, sigmas=sigmas)
+
+    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any],
+                sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+        self.scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas)
         sigmas = self.scheduler.sigmas
         return SAMPLERS[self.sampler_name](denoiser, z * sigmas[0].item(), sigmas, **solver_options, **self.settings)
 

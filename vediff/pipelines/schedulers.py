@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from vediff.sampling.schedules import (
     Spacing,
     append_zero,
     ddim_timesteps,
+    given_sigmas,
     karras_sigmas,
     score_sde_ve_sigmas,
     ve_sigmas,
@@ -625,9 +627,21 @@ class SigmaScheduler(Scheduler):
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """`sigmas` = σ_0 … σ_{N−1}, 0 (float64, CPU); `timesteps` = the N levels σ_i the denoiser is called at."""
-        sigmas = sigma_schedule(self.config, num_inference_steps)
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """`sigmas` = σ_0 … σ_{N−1}, 0 (float64, CPU); `timesteps` = the N levels σ_i the denoiser is called at.
+
+        Given `sigmas` (any strictly descending positive list, as diffusers' schedulers take one), those are the
+        levels and the config's schedule is unused."""
+        if sigmas is not None:
+            sigmas = given_sigmas(sigmas)
+            if num_inference_steps is not None and num_inference_steps != len(sigmas):
+                raise ValueError(f"num_inference_steps: {num_inference_steps} disagrees with the {len(sigmas)} "
+                                 "levels of sigmas; give one of them")
+        else:
+            sigmas = sigma_schedule(self.config, num_inference_steps)
         self.sigmas = append_zero(sigmas)
         self.timesteps = sigmas.to(device=device, dtype=torch.float32)
 

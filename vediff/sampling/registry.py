@@ -16,7 +16,17 @@ from typing import Any, Literal
 import torch
 
 from vediff.sampling.schedules import Spacing
-from vediff.sampling.solvers import sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.sampling.solvers import (
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_karras_ve,
+    sample_score_sde_ve,
+)
 from vediff.utils import ConfigError, check_count, check_number
 
 
@@ -101,14 +111,20 @@ SAMPLERS: dict[str, Sampler] = {}
 
 
 def register(sampler: Sampler) -> Sampler:
-    """Add `sampler` to `SAMPLERS`; a setting shared with another sampler must agree on its type and default."""
-    known = {s.name: s for entry in SAMPLERS.values() for s in entry.settings}
+    """Add `sampler` to `SAMPLERS`. A setting name shared with another sampler must have the same type (its default
+    and doc may differ: DDIM's η defaults to 0, ancestral samplers' to 1)."""
     for setting in sampler.settings:
-        other = known.get(setting.name)
-        if other is not None and (other.type, other.default) != (setting.type, setting.default):
-            raise ValueError(f"setting '{setting.name}' of {sampler.name} differs from the one already registered")
+        other = next(iter(setting_versions(setting.name).values()), None)
+        if other is not None and other.type != setting.type:
+            raise ValueError(f"setting '{setting.name}' of {sampler.name} is a {setting.type}, but a {other.type} "
+                             "where already registered")
     SAMPLERS[sampler.name] = sampler
     return sampler
+
+
+def setting_versions(name: str) -> dict[str, Setting]:
+    """Each registered sampler's own version of the setting `name`, by sampler name, in registry order."""
+    return {entry.name: setting for entry in SAMPLERS.values() for setting in entry.settings if setting.name == name}
 
 
 register(Sampler(
@@ -154,6 +170,62 @@ register(Sampler(
     uses_sigma_range=False,
     max_steps=DDIM_TRAIN_STEPS,
     max_steps_reason=f"DDPM's {DDIM_TRAIN_STEPS} training timesteps",
+))
+
+# The few-step solvers of k-diffusion 0.1.1, over a σ schedule (they run in SolverPipeline).
+ETA = Setting("eta", float, 1.0, "η: fraction of each step's noise drawn afresh; 0 is the probability-flow ODE",
+              at_least=0)
+S_NOISE = Setting("s_noise", float, 1.0, "scale of the fresh noise (above 1 offsets detail lost per step)",
+                  at_least=0)
+register(Sampler(
+    name="euler",
+    solve=sample_euler,
+    summary="Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without Heun)",
+    default_steps=50,
+    nfe=lambda n, settings: n,
+    settings=SCHEDULE_SETTINGS,
+))
+register(Sampler(
+    name="heun",
+    solve=sample_heun,
+    summary="EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1)",
+    default_steps=18,
+    nfe=lambda n, settings: 2 * n - 1,
+    settings=SCHEDULE_SETTINGS,
+))
+register(Sampler(
+    name="euler_ancestral",
+    solve=sample_euler_ancestral,
+    summary="Euler ancestral sampling (Ho et al. 2020; k-diffusion's Euler a)",
+    default_steps=50,
+    nfe=lambda n, settings: n,
+    settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE),
+))
+register(Sampler(
+    name="dpmpp_2m",
+    solve=sample_dpmpp_2m,
+    summary="DPM-Solver++(2M), second-order multistep (Lu et al. 2022, Algorithm 2)",
+    default_steps=20,
+    nfe=lambda n, settings: n,
+    settings=SCHEDULE_SETTINGS,
+))
+register(Sampler(
+    name="dpmpp_2m_sde",
+    solve=sample_dpmpp_2m_sde,
+    summary="DPM-Solver++(2M) SDE (Lu et al. 2022)",
+    default_steps=25,
+    nfe=lambda n, settings: n,
+    settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE,
+              Setting("solver_type", Literal["midpoint", "heun"], "midpoint",
+                      "the second-order correction: midpoint or heun")),
+))
+register(Sampler(
+    name="dpmpp_3m_sde",
+    solve=sample_dpmpp_3m_sde,
+    summary="DPM-Solver++(3M) SDE, third-order multistep (Lu et al. 2022)",
+    default_steps=25,
+    nfe=lambda n, settings: n,
+    settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE),
 ))
 
 SamplerName = Literal[tuple(SAMPLERS)]  # the registry's names, so configs and the CLI reject typos

@@ -5,7 +5,9 @@ Every σ schedule here is a float64 CPU tensor, descending; samplers take it wit
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -49,6 +51,19 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
     inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def given_sigmas(levels: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Any σ list as a schedule: finite, positive and strictly descending; a trailing 0 is dropped (samplers append
+    it). E.g. a schedule tuned by hand, or one from another library."""
+    values = [float(level) for level in levels]
+    if values and values[-1] == 0:
+        values = values[:-1]
+    if not values or not all(0 < level < math.inf for level in values):
+        raise ValueError(f"sigmas: give finite, positive noise levels (a final 0 may follow); got {levels}")
+    if any(later >= earlier for earlier, later in itertools.pairwise(values)):
+        raise ValueError(f"sigmas: noise levels must strictly descend; got {values}")
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # Song et al. 2021, VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t, with the discrete grid of its code.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -94,6 +95,29 @@ def heun_step(
     """x + (σ_next − σ)·(d + d′)/2, with d′ = (x_next − D(x_next; σ_next))/σ_next."""
     d_next = (x_next - denoised_next) / sigma_next
     return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+
+
+# Ancestral sampling (Ho et al. 2020) in the VE frame, split as k-diffusion 0.1.1 does: a deterministic step down to
+# σ_down, then fresh noise of standard deviation σ_up, with σ_down² + σ_up² = σ_next².
+def ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(σ_down, σ_up) with σ_up = min(σ_next, η·σ_next·√(1 − σ_next²/σ²)); η = 0 gives (σ_next, 0), the ODE."""
+    if eta == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+# DPM-Solver++ (Lu et al. 2022, eq. 9) in the VE frame, with the SDE variant's noise fraction η (their §5; the form of
+# k-diffusion 0.1.1): the first-order step in λ = −log σ, exact when D is constant over the step.
+def dpmpp_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float, eta: float) -> torch.Tensor:
+    """x_next = (σ_next/σ)·e^(−ηh)·x + (1 − e^(−(1+η)h))·D, with h = log(σ/σ_next); add `dpmpp_noise_std` · z."""
+    h = math.log(sigma / sigma_next)
+    return (sigma_next / sigma) * math.exp(-eta * h) * x - math.expm1(-(1 + eta) * h) * denoised
+
+
+def dpmpp_noise_std(sigma: float, sigma_next: float, eta: float) -> float:
+    """σ_next·√(1 − e^(−2ηh)): the fresh noise of a DPM-Solver++ SDE step (0 for the ODE, η = 0)."""
+    return sigma_next * math.sqrt(-math.expm1(-2 * eta * math.log(sigma / sigma_next)))
 
 
 # Song et al. 2021, Algorithm 2 (VE predictor–corrector): Langevin corrector, reverse-diffusion predictor.
@@ -259,6 +283,194 @@ def sample_ddim(
                 eps = (x - denoised) / sigma
         alpha, alpha_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_prev**2)
         x = ddim_step(denoised, eps, alpha, alpha_prev, eta, noise(x) if eta > 0 else None) / math.sqrt(alpha_prev)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+# Karras et al. 2022, Algorithm 1 without the second-order correction: Euler's method on the probability-flow ODE.
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without its Heun step): N
+    evaluations, first order."""
+    sigma_list = _sigma_list(sigmas)
+    for i in _steps(len(sigma_list) - 1, progress):
+        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        denoised = _denoise(denoiser, x, sigma)
+        x, _ = euler_step(x, denoised, sigma, sigma_next)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+# Karras et al. 2022, Algorithm 1: Heun's method on the probability-flow ODE (Algorithm 2 without churn).
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1): 2N − 1 evaluations, second order; an Euler
+    step onto σ = 0."""
+    sigma_list = _sigma_list(sigmas)
+    for i in _steps(len(sigma_list) - 1, progress):
+        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        denoised = _denoise(denoiser, x, sigma)
+        x_next, d = euler_step(x, denoised, sigma, sigma_next)
+        if sigma_next != 0:
+            x_next = heun_step(x, d, x_next, _denoise(denoiser, x_next, sigma_next), sigma, sigma_next)
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+# Ancestral sampling (Ho et al. 2020) with Euler steps of the probability-flow ODE, as in k-diffusion 0.1.1.
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """Euler ancestral sampling (Ho et al. 2020 in Karras et al. 2022's VE frame): each step an Euler step down to
+    σ_down and fresh noise σ_up·z (`ancestral_split`); N evaluations. η = 0 is `sample_euler`."""
+    check_number("eta", eta, at_least=0)
+    check_number("s_noise", s_noise, at_least=0)
+    noise = noise or noise_from(None)
+    sigma_list = _sigma_list(sigmas)
+    for i in _steps(len(sigma_list) - 1, progress):
+        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        denoised = _denoise(denoiser, x, sigma)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
+        x, _ = euler_step(x, denoised, sigma, sigma_down)
+        if sigma_next > 0:  # drawn also when σ_up = 0 (η = 0), as k-diffusion does, so seeded runs replay
+            x = x + noise(x) * (s_noise * sigma_up)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+# DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in λ = −log σ, one evaluation per step.
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): N evaluations, second order; the ODE case (η = 0) of
+    `sample_dpmpp_2m_sde`."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=0.0, noise=noise, callback=callback, progress=progress)
+
+
+# DPM-Solver++(2M) SDE (Lu et al. 2022, §5; the midpoint and Heun forms of k-diffusion 0.1.1).
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: Literal["midpoint", "heun"] = "midpoint",
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022): the 2M multistep update with a fraction η of each step's noise drawn
+    afresh; N evaluations. η = 0 with the midpoint form is DPM-Solver++(2M); the last step to σ = 0 returns D.
+
+    Fresh noise is an independent Gaussian per step (k-diffusion defaults to a Brownian tree, whose draws depend on
+    the whole batch); with per-image generators an image depends on its own seed only.
+    """
+    check_number("eta", eta, at_least=0)
+    check_number("s_noise", s_noise, at_least=0)
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type: '{solver_type}' is not one of midpoint, heun")
+    noise = noise or noise_from(None)
+    sigma_list = _sigma_list(sigmas)
+    denoised_prev, h_prev = None, None
+    for i in _steps(len(sigma_list) - 1, progress):
+        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        denoised = _denoise(denoiser, x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            x = dpmpp_step(x, denoised, sigma, sigma_next, eta)
+            if denoised_prev is not None:
+                h_eta = (1 + eta) * h
+                # The multistep correction from the previous D: D' ≈ (D − D_prev)/r with r = h_prev/h.
+                slope = (denoised - denoised_prev) * (h / h_prev)
+                weight = -0.5 * math.expm1(-h_eta) if solver_type == "midpoint" else 1 + math.expm1(-h_eta) / h_eta
+                x = x + weight * slope
+            if eta:
+                x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
+            h_prev = h
+        denoised_prev = denoised
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+    return x
+
+
+# DPM-Solver++(3M) SDE (Lu et al. 2022, third-order multistep; the SDE form of k-diffusion 0.1.1).
+def sample_dpmpp_3m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022): third-order multistep from the last three D, a fraction η of each step's
+    noise drawn afresh; N evaluations. η = 0 is the third-order ODE solver; the last step to σ = 0 returns D."""
+    check_number("eta", eta, at_least=0)
+    check_number("s_noise", s_noise, at_least=0)
+    noise = noise or noise_from(None)
+    sigma_list = _sigma_list(sigmas)
+    denoised_1 = denoised_2 = h_1 = h_2 = None  # the previous two steps' D and h
+    for i in _steps(len(sigma_list) - 1, progress):
+        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+        denoised = _denoise(denoiser, x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            h_eta = (1 + eta) * h
+            x = dpmpp_step(x, denoised, sigma, sigma_next, eta)
+            phi_2 = 1 + math.expm1(-h_eta) / h_eta
+            if h_2 is not None:
+                # Divided differences of D in units of h: first (d1) and second (d2) derivatives.
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - denoised_1) * (h / h_1)
+            if eta:
+                x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
+            denoised_2, h_2, h_1 = denoised_1, h_1, h
+            denoised_1 = denoised
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
     return x
