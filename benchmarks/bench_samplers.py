@@ -1,4 +1,4 @@
-"""Sampler overhead and sampling throughput against diffusers' pipelines.
+"""Sampler overhead of every registered sampler, and sampling throughput against diffusers' pipelines.
 
 1. Overhead: wall time of a pipeline call / (network evaluations × one bare denoiser forward at the same batch).
    1.0 is the physical limit: everything but the network is free.
@@ -25,15 +25,21 @@ from vediff import (
     KarrasVeScheduler,
     ScoreSdeVePipeline,
     ScoreSdeVeScheduler,
+    SigmaScheduler,
+    SolverPipeline,
     append_dims,
 )
 
-# (label, pipeline class, scheduler, steps, network evaluations). Few steps keep CPU runs short; the overhead is
-# per evaluation, so it does not depend on the step count.
+# (label, pipeline over a denoiser, steps, network evaluations). Few steps keep CPU runs short; the overhead is per
+# evaluation, so it does not depend on the step count. The first three have diffusers peers (below).
 SAMPLERS = [
-    ("karras_ve (Heun)", KarrasVePipeline, lambda: KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0), 6, 11),
-    ("score_sde_ve (PC)", ScoreSdeVePipeline, lambda: ScoreSdeVeScheduler(sigma_min=0.002, sigma_max=80.0), 5, 10),
-    ("ddim (η = 0)", DDIMPipeline, DDIMScheduler, 10, 10),
+    ("karras_ve (Heun)", lambda net: KarrasVePipeline(net, KarrasVeScheduler(sigma_min=0.002, sigma_max=80.0)), 6, 11),
+    ("score_sde_ve (PC)", lambda net: ScoreSdeVePipeline(net, ScoreSdeVeScheduler(sigma_min=0.002, sigma_max=80.0)),
+     5, 10),
+    ("ddim (η = 0)", lambda net: DDIMPipeline(net, DDIMScheduler()), 10, 10),
+    *[(name, lambda net, name=name: SolverPipeline(net, SigmaScheduler(0.002, 80.0), name), steps, nfe)
+      for name, steps, nfe in [("euler", 10, 10), ("heun", 6, 11), ("euler_ancestral", 10, 10), ("dpmpp_2m", 10, 10),
+                               ("dpmpp_2m_sde", 10, 10), ("dpmpp_3m_sde", 10, 10)]],
 ]
 
 
@@ -113,8 +119,8 @@ def main() -> None:
                         device=args.device)
         forward = median_seconds(lambda: net(x, 1.0), repeat=10 * args.repeat, warmup=3)  # noqa: B023
         ours = {}
-        for label, pipeline_class, make_scheduler, steps, nfe in SAMPLERS:
-            pipeline = pipeline_class(net, make_scheduler())
+        for label, make_pipeline, steps, nfe in SAMPLERS:
+            pipeline = make_pipeline(net)
             pipeline.set_progress_bar_config(disable=True)
             seconds = median_seconds(lambda: pipeline(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
                                                       output_type="pt", generator=torch.Generator().manual_seed(0)),
@@ -123,7 +129,7 @@ def main() -> None:
             overhead_rows.append([model_name, parameters(net), label, nfe, f"{forward * 1e3:.1f}",
                                   f"{seconds:.2f}", f"**{seconds / (nfe * forward):.3f}**"])
         if config is CIFAR_SHAPED:
-            for (label, _, _, steps, nfe), reference in zip(SAMPLERS, reference_pipelines(net), strict=True):
+            for (label, _, steps, nfe), reference in zip(SAMPLERS[:3], reference_pipelines(net), strict=True):
                 reference.set_progress_bar_config(disable=True)
                 theirs = median_seconds(lambda: reference(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
                                                           output_type="np", generator=torch.Generator().manual_seed(0)),

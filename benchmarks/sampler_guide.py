@@ -33,24 +33,39 @@ from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
 from vediff.training.metrics import QualityMetrics, feature_extractor, quantize, reference_statistics
 
-# Each curve: a label, the sampler settings, and the step counts it is measured at.
+# Budgets of network evaluations per image; each curve takes, per budget, the most steps that fit in it.
+BUDGETS = [5, 10, 20, 35]
+# Each curve: a label, the sampler settings, and the panels of the figure it is drawn in.
 CURVES = [
-    ("Karras Heun, deterministic", dict(sampler="karras_ve"), [2, 3, 5, 9, 18]),
+    ("DDIM η = 0", dict(sampler="ddim"), ("three", "few")),
+    ("Karras Heun, deterministic (= heun)", dict(sampler="karras_ve"), ("three", "few")),
     # σ = 10 already drowns 8×8 digits in [-1, 1]: with few steps, time spent above it is wasted.
-    ("Karras Heun, deterministic, σ_max 10", dict(sampler="karras_ve", sigma_max=10.0), [2, 3, 5, 9, 18]),
+    ("Karras Heun, deterministic, σ_max 10", dict(sampler="karras_ve", sigma_max=10.0), ("three",)),
     ("Karras Heun, stochastic (S_churn 40)", dict(sampler="karras_ve", s_churn=40.0, s_min=0.05, s_max=50.0,
-                                                  s_noise=1.003), [2, 3, 5, 9, 18]),
-    ("Score-SDE predictor–corrector", dict(sampler="score_sde_ve"), [2, 5, 10, 25, 50]),
-    ("DDIM η = 0", dict(sampler="ddim"), [2, 5, 10, 25, 50]),
-    ("DDIM η = 1", dict(sampler="ddim", eta=1.0), [2, 5, 10, 25, 50]),
+                                                  s_noise=1.003), ("three",)),
+    ("Score-SDE predictor–corrector", dict(sampler="score_sde_ve"), ("three",)),
+    ("DDIM η = 1", dict(sampler="ddim", eta=1.0), ("three",)),
+    ("Euler", dict(sampler="euler"), ("few",)),
+    # The last step jumps from σ_min to 0 through D; below about σ = 0.05 (a few 8-bit levels) steps change little.
+    ("Euler, σ_min 0.05", dict(sampler="euler", sigma_min=0.05), ("few",)),
+    ("Euler ancestral", dict(sampler="euler_ancestral"), ("few",)),
+    ("DPM-Solver++(2M)", dict(sampler="dpmpp_2m"), ("few",)),
+    ("DPM-Solver++(2M), σ_min 0.05", dict(sampler="dpmpp_2m", sigma_min=0.05), ("few",)),
+    ("DPM-Solver++(2M) SDE", dict(sampler="dpmpp_2m_sde"), ("few",)),
+    ("DPM-Solver++(2M) SDE, Heun", dict(sampler="dpmpp_2m_sde", solver_type="heun"), ("few",)),
+    ("DPM-Solver++(3M) SDE", dict(sampler="dpmpp_3m_sde"), ("few",)),
 ]
-# The grid's rows: each sampler at the setting the guide recommends for a model like the quick start's.
+PANELS = {"three": "the three diffusers samplers", "few": "the few-step solvers (DDIM and Heun for reference)"}
+# The grid's rows: samplers at the settings the guide recommends for a model like the quick start's.
 GRID_ROWS = [("karras_ve", dict(sampler="karras_ve", steps=18)),
              ("karras_ve churn", dict(sampler="karras_ve", steps=18, s_churn=40.0, s_min=0.05, s_max=50.0,
                                       s_noise=1.003)),
              ("score_sde_ve", dict(sampler="score_sde_ve", steps=50)),
              ("ddim η=0", dict(sampler="ddim", steps=25)),
-             ("ddim η=1", dict(sampler="ddim", steps=50, eta=1.0))]
+             ("ddim η=1", dict(sampler="ddim", steps=50, eta=1.0)),
+             ("dpmpp_2m σ_min 0.05", dict(sampler="dpmpp_2m", steps=10, sigma_min=0.05)),
+             ("dpmpp_3m_sde", dict(sampler="dpmpp_3m_sde", steps=35)),
+             ("euler_ancestral", dict(sampler="euler_ancestral", steps=35))]
 
 
 # Guidance scales w of the guidance figure, on the conditional quick start (EDM's Heun, 18 steps).
@@ -109,22 +124,27 @@ def as_pixels(images: torch.Tensor) -> np.ndarray:
     return (quantize(images.float()).float() / 255).flatten(1).numpy()
 
 
-def plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+def plot(points: dict[str, list[tuple[int, float]]], panels: dict[str, tuple[str, ...]], path: Path,
+         title: str) -> None:
+    """One log-log panel of quality against evaluations per entry of PANELS, each with its curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, curve in points.items():
-        axes.plot(*zip(*curve, strict=True), marker="o", label=label)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("network evaluations per image")
-    axes.set_ylabel("pixel-space FID to the training set (lower is better)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    figure, axes_row = plt.subplots(1, len(PANELS), figsize=(13, 5), dpi=110, sharey=True)
+    for axes, (panel, panel_title) in zip(axes_row, PANELS.items(), strict=True):
+        for label, curve in points.items():
+            if panel in panels[label]:
+                axes.plot(*zip(*curve, strict=True), marker="o", label=label)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("network evaluations per image")
+        axes.set_title(panel_title, fontsize=10)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    axes_row[0].set_ylabel("pixel-space FID to the training set (lower is better)")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -210,7 +230,7 @@ def main() -> None:
     parser.add_argument("--skip-tradeoff", action="store_true", help="only the guidance and recognition figures")
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--max-steps", type=int, default=50, help="leave out step counts above this (for a quick run)")
+    parser.add_argument("--max-nfe", type=int, default=35, help="leave out budgets above this (for a quick run)")
     parser.add_argument("--outdir", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     ckpt = args.ckpt or quick_start_checkpoint("digits")
@@ -244,25 +264,31 @@ def main() -> None:
     update_guide(args.outdir / "samplers.md", body, "recognition")
 
 
+def steps_within(config: SamplerConfig, budget: int) -> int:
+    """The most steps whose network evaluations fit in `budget` (at least one)."""
+    return max([n for n in range(1, budget + 1) if config.entry.nfe(n, config.settings) <= budget] or [1])
+
+
 def measure_tradeoff(args, ckpt: Path, denoiser, data: ImageDataModule, metrics: QualityMetrics) -> None:
     """Quality against network evaluations per sampler (figure and table), and the grid of the same seeds."""
     seeds = list(range(args.num_images))
     points: dict[str, list[tuple[int, float]]] = {}
     rows = []
-    for label, settings, step_counts in CURVES:
-        for steps in [s for s in step_counts if s <= args.max_steps] or step_counts[:1]:
-            config = SamplerConfig(steps=steps, **settings)
-            start = time.perf_counter()
+    for label, settings, _ in CURVES:
+        cells = []
+        for budget in [b for b in BUDGETS if b <= args.max_nfe] or BUDGETS[:1]:
+            config = SamplerConfig(**settings)
+            config = SamplerConfig(**settings, steps=steps_within(config, budget))
             images = sample(config, denoiser, seeds, args.batch_size)
-            seconds = time.perf_counter() - start
             metrics.add_generated(quantize(images.float()))
             fid = metrics.compute()["fid"]
             points.setdefault(label, []).append((config.nfe, fid))
-            rows.append([label, steps, config.nfe, f"{fid:.3f}", f"{seconds:.1f}"])
-            print(f"{label:40s} steps {steps:3d}  NFE {config.nfe:4d}  FID {fid:.3f}", flush=True)
+            cells.append(f"{fid:.3f}" if config.nfe == budget else f"{fid:.3f} ({config.nfe})")
+            print(f"{label:40s} steps {config.num_steps:3d}  NFE {config.nfe:4d}  FID {fid:.3f}", flush=True)
+        rows.append([label, *cells])
 
     title = f"{ckpt.name} of the digits quick start, {args.num_images} images per point"
-    plot(points, args.outdir / "sampler_tradeoff.png", title)
+    plot(points, {label: panels for label, _, panels in CURVES}, args.outdir / "sampler_tradeoff.png", title)
     grid_seeds = list(range(10))
     rows_of_images = [sample(SamplerConfig(**settings), denoiser, grid_seeds, len(grid_seeds))
                       for _, settings in GRID_ROWS]
@@ -270,9 +296,16 @@ def measure_tradeoff(args, ckpt: Path, denoiser, data: ImageDataModule, metrics:
     # Nearest-neighbour upscaling so that 8×8 digits are readable on a web page; no pixel is invented.
     zoom = max(1, 64 // data.image_size)
     save_image(grid.repeat_interleave(zoom, dim=-1).repeat_interleave(zoom, dim=-2), args.outdir / "sampler_grid.png")
-    body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} images per row, checkpoint "
-            f"`{relative(ckpt)}`:\n\n"
-            + table(["sampler", "steps", "evaluations", "pixel FID", "seconds"], rows))
+    at_ten = {label: dict(curve).get(10) for label, curve in points.items()}
+    at_ten = {label: fid for label, fid in at_ten.items() if fid is not None}
+    best = min(at_ten, key=at_ten.get) if at_ten else None
+    verdict = (f"\n\nAt 10 evaluations the best is {best}: pixel FID {at_ten[best]:.3f}, "
+               f"{at_ten[best] / at_ten['DDIM η = 0']:.2f}× DDIM η = 0's {at_ten['DDIM η = 0']:.3f}."
+               if best and "DDIM η = 0" in at_ten else "")
+    body = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, {args.num_images} images per cell, checkpoint "
+            f"`{relative(ckpt)}`. Pixel FID at each budget of network evaluations per image (in brackets where the "
+            "sampler's step count cannot meet the budget exactly: the evaluations it used):\n\n"
+            + table(["sampler", *(f"{b} NFE" for b in BUDGETS if b <= args.max_nfe)], rows) + verdict)
     print(body)
     update_guide(args.outdir / "samplers.md", body)
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -350,20 +351,25 @@ def markdown_tables(text: str) -> dict[str, list[list[str]]]:
 def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_checkpoint, tmp_path):
     cond_ckpt = conditional_checkpoint / "checkpoints" / "last.ckpt"
     result = run_script("benchmarks/sampler_guide.py", "--ckpt", str(checkpoint), "--cond-ckpt", str(cond_ckpt),
-                        "--num-images", "20", "--batch-size", "20", "--max-steps", "2", "--outdir",
+                        "--num-images", "20", "--batch-size", "20", "--max-nfe", "5", "--outdir",
                         str(tmp_path / "docs"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     plot = Image.open(tmp_path / "docs" / "sampler_tradeoff.png")
     grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
     assert plot.size[0] > 400 and plot.size[1] > 300
     assert Image.open(tmp_path / "docs" / "guidance.png").size[0] > 400
-    # 10 seeds × 5 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
-    assert grid.size == (8 * (10 * 9 + 1), 8 * (5 * 9 + 1))
+    # 10 seeds × 8 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
+    assert grid.size == (8 * (10 * 9 + 1), 8 * (8 * 9 + 1))
     pixels = np.asarray(grid)
     assert np.array_equal(pixels, pixels[::8, ::8].repeat(8, axis=0).repeat(8, axis=1))
     tradeoff, guidance, recognition = markdown_tables(result.stdout).values()
-    assert len(tradeoff) == 6  # one point per curve at 2 steps
-    assert {row[2] for row in tradeoff} == {"3", "4", "2"}  # Heun 2·2−1, PC 2·2, DDIM 2
+    by_label = {row[0]: row[1] for row in tradeoff}  # one point per curve, at the budget of 5 evaluations
+    assert len(by_label) == 14
+    # Heun 2·3 − 1 = 5 and N-evaluation solvers meet the budget; Score-SDE's 2·2 = 4 is marked as what it used.
+    assert re.fullmatch(r"\d+\.\d{3}", by_label["DPM-Solver++(2M)"]) and re.fullmatch(
+        r"\d+\.\d{3}", by_label["Karras Heun, deterministic (= heun)"])
+    assert by_label["Score-SDE predictor–corrector"].endswith("(4)")
+    assert "At 10 evaluations" not in result.stdout  # no 10-evaluation budget in this run
     accuracy = {float(row[0]): float(row[1]) for row in guidance}
     assert list(accuracy) == [0, 0.5, 1, 1.5, 2, 3, 4]
     assert accuracy[2] > accuracy[0] + 0.3  # guidance makes the requested digit recognisable; w = 0 is chance

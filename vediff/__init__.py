@@ -35,7 +35,17 @@ from vediff.pipelines.schedulers import (
     SigmaScheduler,
 )
 from vediff.sampling.registry import SAMPLERS, Sampler, Setting
-from vediff.sampling.solvers import sample_ddim, sample_karras_ve, sample_score_sde_ve
+from vediff.sampling.solvers import (
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_karras_ve,
+    sample_score_sde_ve,
+)
 from vediff.training.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.training.data import ImageDataModule
 from vediff.training.losses import EDMLoss, VELoss
@@ -81,6 +91,12 @@ __all__ = [
     "guided",
     "load_denoiser",
     "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
     "sample_karras_ve",
     "sample_score_sde_ve",
 ]
