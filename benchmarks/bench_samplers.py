@@ -1,12 +1,12 @@
 """Sampler overhead of every registered sampler, and sampling throughput against diffusers' pipelines.
 
-1. Overhead: wall time of a pipeline call / (network evaluations × one bare denoiser forward at the same batch).
-   1.0 is the physical limit: everything but the network is free.
+1. Overhead: wall time of a pipeline call / wall time of as many bare denoiser forwards as it makes network
+   evaluations, at the same batch, timed in turns. 1.0 is the physical limit: everything but the network is free.
 2. Peers: images/s of our pipelines against diffusers' pipelines driving the same network, through thin adapters to
    the interface each expects, at the same number of network evaluations (diffusers' VE pipelines draw 3 channels, so
    only the CIFAR-shaped model is compared).
 
-    python benchmarks/bench_samplers.py [--batch-size 64] [--device cpu]
+    python benchmarks/bench_samplers.py [--batch-size 64] [--cifar-batch-size 16] [--device cpu]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import math
 
 import torch
-from common import median_seconds, table, write_section
+from common import alternating_medians, median_seconds, table, write_section
 from models import CIFAR_SHAPED, MODELS, denoiser, parameters
 
 from vediff import (
@@ -107,40 +107,46 @@ def reference_pipelines(net):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the digits model")
+    parser.add_argument("--cifar-batch-size", type=int, default=None,
+                        help="batch of the CIFAR-shaped model (default: --batch-size; 16 keeps a CPU run short)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7, help="timed calls per row of the digits model")
+    parser.add_argument("--cifar-repeat", type=int, default=3, help="timed calls per row of the CIFAR-shaped model")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     overhead_rows, peer_rows = [], []
     for model_name, config in MODELS.items():
+        batch = (args.cifar_batch_size or args.batch_size) if config is CIFAR_SHAPED else args.batch_size
+        repeat = args.cifar_repeat if config is CIFAR_SHAPED else args.repeat
         net = denoiser(config, args.device)
-        x = torch.randn(args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"],
-                        device=args.device)
-        forward = median_seconds(lambda: net(x, 1.0), repeat=10 * args.repeat, warmup=3)  # noqa: B023
+        x = torch.randn(batch, config["in_channels"], config["sample_size"], config["sample_size"], device=args.device)
         ours = {}
         for label, make_pipeline, steps, nfe in SAMPLERS:
             pipeline = make_pipeline(net)
             pipeline.set_progress_bar_config(disable=True)
-            seconds = median_seconds(lambda: pipeline(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
-                                                      output_type="pt", generator=torch.Generator().manual_seed(0)),
-                                     repeat=args.repeat)
+            bare, seconds = alternating_medians(
+                lambda: [net(x, 1.0) for _ in range(nfe)],  # noqa: B023
+                lambda: pipeline(batch_size=batch, num_inference_steps=steps, output_type="pt",  # noqa: B023
+                                 generator=torch.Generator().manual_seed(0)),
+                repeat=repeat)
             ours[label] = seconds
-            overhead_rows.append([model_name, parameters(net), label, nfe, f"{forward * 1e3:.1f}",
-                                  f"{seconds:.2f}", f"**{seconds / (nfe * forward):.3f}**"])
+            overhead_rows.append([model_name, parameters(net), batch, label, nfe, f"{bare / nfe * 1e3:.1f}",
+                                  f"{seconds:.2f}", f"**{seconds / bare:.3f}**"])
         if config is CIFAR_SHAPED:
             for (label, _, steps, nfe), reference in zip(SAMPLERS[:3], reference_pipelines(net), strict=True):
                 reference.set_progress_bar_config(disable=True)
-                theirs = median_seconds(lambda: reference(batch_size=args.batch_size, num_inference_steps=steps,  # noqa: B023
+                theirs = median_seconds(lambda: reference(batch_size=batch, num_inference_steps=steps,  # noqa: B023
                                                           output_type="np", generator=torch.Generator().manual_seed(0)),
-                                        repeat=args.repeat)
-                peer_rows.append([model_name, label, nfe, f"{args.batch_size / ours[label]:.1f}",
-                                  f"{args.batch_size / theirs:.1f}", f"**{theirs / ours[label]:.2f}×**"])
+                                        repeat=repeat)
+                peer_rows.append([model_name, label, nfe, f"{batch / ours[label]:.1f}", f"{batch / theirs:.1f}",
+                                  f"**{theirs / ours[label]:.2f}×**"])
     body = (
-        f"Batch {args.batch_size}, untrained networks (timing does not depend on the weights), median of "
-        f"{args.repeat} calls after one warm-up.\n\n**Sampler overhead** = pipeline wall time / (evaluations × one "
-        "bare forward of the denoiser at the same batch); 1.0 is the limit.\n\n"
-        + table(["model", "params", "sampler", "evaluations", "forward (ms)", "pipeline (s)", "overhead"],
+        f"Untrained networks (timing does not depend on the weights), median of {args.repeat} (digits) and "
+        f"{args.cifar_repeat} (CIFAR-shaped) calls after one warm-up.\n\n**Sampler overhead** = pipeline wall time / "
+        "wall time of the same number of bare forwards of the denoiser at the same batch, the two timed in turns so "
+        "that a drift of the machine hits both; 1.0 is the limit (everything but the network is free).\n\n"
+        + table(["model", "params", "batch", "sampler", "evaluations", "forward (ms)", "pipeline (s)", "overhead"],
                 overhead_rows)
         + "\n\n**Against diffusers' pipelines** driving the same network (through adapters to the interface each "
         "expects; our DDIM runs the same VP-form update in the VE frame), same evaluations. Speed-up = their time / "

@@ -47,6 +47,24 @@ def median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -
     return statistics.median(times)
 
 
+def alternating_medians(first: Callable[[], object], second: Callable[[], object], repeat: int = 5,
+                        warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of `first()` and `second()`, run in turns so that a drift of the machine (another process,
+    clock changes) hits both alike: the ratio of the two is what a shared machine can measure."""
+    for _ in range(warmup):
+        first()
+        second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, out in zip((first, second), times, strict=True):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

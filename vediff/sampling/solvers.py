@@ -13,7 +13,7 @@ sampler loops here and the diffusers-style schedulers in `vediff.pipelines.sched
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -69,6 +69,28 @@ def _sigma_list(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
 
 def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return denoiser(x, sigma).to(x.dtype)
+
+
+def _levels(sigmas: torch.Tensor | Sequence[float], progress: bool | dict) -> Iterator[tuple[int, float, float]]:
+    """(i, σ_i, σ_{i+1}) for each step of the schedule (checked first), behind a progress bar if asked."""
+    sigma_list = _sigma_list(sigmas)
+    for i in _steps(len(sigma_list) - 1, progress):
+        yield i, sigma_list[i], sigma_list[i + 1]
+
+
+def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor,
+            sigma_hat: float | None = None) -> None:
+    """Hand step i's state to `callback`, if there is one (k-diffusion's callback dict)."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
+                  "denoised": denoised})
+
+
+def _fresh_noise(eta: float, s_noise: float, noise: Noise | None) -> Noise:
+    """Check the settings of a sampler that draws fresh noise per step; the noise source (default: torch's RNG)."""
+    check_number("eta", eta, at_least=0)
+    check_number("s_noise", s_noise, at_least=0)
+    return noise or noise_from(None)
 
 
 # EDM (Karras et al. 2022) Algorithm 2, lines 5–6: raise the noise level from σ to σ̂ = σ·(1 + γ).
@@ -186,10 +208,8 @@ def sample_karras_ve(
         check_number(field, value, at_least=0)
     check_number("s_max", s_max, at_least=s_min, allow_inf=True)
     noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
-    n = len(sigma_list) - 1
-    for i in _steps(n, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    n = len(sigmas) - 1
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= sigma <= s_max else 0.0
         eps = noise(x) * s_noise  # drawn at every step, also when γ = 0, as EDM's reference does
         x_hat, sigma_hat = churn(x, sigma, gamma, eps)
@@ -197,8 +217,7 @@ def sample_karras_ve(
         x, d = euler_step(x_hat, denoised, sigma_hat, sigma_next)
         if sigma_next != 0:
             x = heun_step(x_hat, d, x, _denoise(denoiser, x, sigma_next), sigma_hat, sigma_next)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised, sigma_hat)
     return x
 
 
@@ -241,8 +260,7 @@ def sample_score_sde_ve(
         denoised = _denoise(denoiser, x, sigma_model)
         score = (denoised - x) / sigma_model**2
         x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - below_list[i] ** 2, noise(x))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma_list[i], "sigma_hat": sigma_model, "denoised": denoised})
+        _report(callback, i, x, sigma_list[i], denoised, sigma_model)
     return x_mean
 
 
@@ -269,9 +287,7 @@ def sample_ddim(
     instead (as diffusers' DDIMScheduler does when both are set)."""
     check_number("eta", eta, at_least=0)
     noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_prev = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_prev in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         eps = (x - denoised) / sigma
         if dynamic_thresholding_ratio is not None or clip_denoised:
@@ -283,8 +299,7 @@ def sample_ddim(
                 eps = (x - denoised) / sigma
         alpha, alpha_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_prev**2)
         x = ddim_step(denoised, eps, alpha, alpha_prev, eta, noise(x) if eta > 0 else None) / math.sqrt(alpha_prev)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
 
 
@@ -300,13 +315,10 @@ def sample_euler(
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without its Heun step): N
     evaluations, first order."""
-    sigma_list = _sigma_list(sigmas)
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         x, _ = euler_step(x, denoised, sigma, sigma_next)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
 
 
@@ -322,16 +334,13 @@ def sample_heun(
 ) -> torch.Tensor:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1): 2N − 1 evaluations, second order; an Euler
     step onto σ = 0."""
-    sigma_list = _sigma_list(sigmas)
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         x_next, d = euler_step(x, denoised, sigma, sigma_next)
         if sigma_next != 0:
             x_next = heun_step(x, d, x_next, _denoise(denoiser, x_next, sigma_next), sigma, sigma_next)
         x = x_next
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
 
 
@@ -349,19 +358,14 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Euler ancestral sampling (Ho et al. 2020 in Karras et al. 2022's VE frame): each step an Euler step down to
     σ_down and fresh noise σ_up·z (`ancestral_split`); N evaluations. η = 0 is `sample_euler`."""
-    check_number("eta", eta, at_least=0)
-    check_number("s_noise", s_noise, at_least=0)
-    noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    noise = _fresh_noise(eta, s_noise, noise)
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
         x, _ = euler_step(x, denoised, sigma, sigma_down)
         if sigma_next > 0:  # drawn also when σ_up = 0 (η = 0), as k-diffusion does, so seeded runs replay
             x = x + noise(x) * (s_noise * sigma_up)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
 
 
@@ -399,15 +403,11 @@ def sample_dpmpp_2m_sde(
     Fresh noise is an independent Gaussian per step (k-diffusion defaults to a Brownian tree, whose draws depend on
     the whole batch); with per-image generators an image depends on its own seed only.
     """
-    check_number("eta", eta, at_least=0)
-    check_number("s_noise", s_noise, at_least=0)
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: '{solver_type}' is not one of midpoint, heun")
-    noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
+    noise = _fresh_noise(eta, s_noise, noise)
     denoised_prev, h_prev = None, None
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -424,8 +424,7 @@ def sample_dpmpp_2m_sde(
                 x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
             h_prev = h
         denoised_prev = denoised
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
 
 
@@ -443,13 +442,9 @@ def sample_dpmpp_3m_sde(
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (Lu et al. 2022): third-order multistep from the last three D, a fraction η of each step's
     noise drawn afresh; N evaluations. η = 0 is the third-order ODE solver; the last step to σ = 0 returns D."""
-    check_number("eta", eta, at_least=0)
-    check_number("s_noise", s_noise, at_least=0)
-    noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
+    noise = _fresh_noise(eta, s_noise, noise)
     denoised_1 = denoised_2 = h_1 = h_2 = None  # the previous two steps' D and h
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    for i, sigma, sigma_next in _levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -471,6 +466,5 @@ def sample_dpmpp_3m_sde(
                 x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
             denoised_2, h_2, h_1 = denoised_1, h_1, h
             denoised_1 = denoised
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        _report(callback, i, x, sigma, denoised)
     return x
