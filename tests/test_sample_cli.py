@@ -376,3 +376,19 @@ def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_chec
     real = recognition[0]
     assert real[0] == "held-out real digits" and float(real[1]) > 0.9 and float(real[2]) > 0.9
     assert len(recognition) == 1 + 2 + 4  # real digits, two unconditional samplers, two conditional at w = 1 and 2
+
+
+def test_train_py_test_reports_held_out_bits_per_dim(checkpoint):
+    cwd = checkpoint.parents[4]
+    result = run_script("train.py", "test", *TINY_DIGITS, "--ckpt_path", str(checkpoint), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = re.search(r"test/bits_per_dim\s*│?\s*([0-9.]+)", result.stdout)
+    assert printed, result.stdout[-2000:]
+    bpd = float(printed.group(1))
+    # A barely trained model: worse than a good one (about 1–2) but a finite, positive number of bits.
+    assert 0 < bpd < 20
+    from test_train_cli import scalars
+
+    runs = sorted((cwd / "lightning_logs" / "digits").glob("version_*"))
+    logged = scalars(runs[-1])
+    assert logged["test/bits_per_dim"][-1][1] == pytest.approx(bpd, rel=1e-3)

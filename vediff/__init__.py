@@ -34,6 +34,7 @@ from vediff.pipelines.schedulers import (
     SdeVeOutput,
     SigmaScheduler,
 )
+from vediff.sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 from vediff.sampling.registry import SAMPLERS, Sampler, Setting
 from vediff.sampling.solvers import (
     sample_ddim,
@@ -88,8 +89,11 @@ __all__ = [
     "VEScoreDenoiser",
     "VPDenoiser",
     "append_dims",
+    "bits_per_dim",
+    "dequantize",
     "guided",
     "load_denoiser",
+    "log_likelihood",
     "sample_ddim",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",

@@ -442,6 +442,10 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (`val_size` images, never trained on): `train.py test` reports its bits/dim."""
+        return self._loader(self.val_set, train=False)
+
     def state_dict(self) -> dict[str, int]:
         # Saved in every checkpoint by Lightning: where in its epoch a resumed run picks the data up again.
         return dict(self.position)
