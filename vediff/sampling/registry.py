@@ -64,6 +64,11 @@ class Setting:
         return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else ()
 
 
+def one_per_step(n: int, settings: Mapping[str, Any]) -> int:
+    """N network evaluations for N steps: the NFE of every single-evaluation sampler."""
+    return n
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: its solver function, default step count, cost and settings.
@@ -73,7 +78,7 @@ class Sampler:
         solve: The solver, `solve(denoiser, x, sigmas, *, noise, callback, progress, **settings)`.
         summary: One line for `--help` and the docs, citing the paper.
         default_steps: Steps N when none are given.
-        nfe: Network evaluations per image for N steps and the settings.
+        nfe: Network evaluations per image for N steps and the settings (default: one per step).
         settings: The sampler's own settings, with types, defaults and docs.
         uses_sigma_range: Whether `sigma_min`/`sigma_max` bound its schedule (DDIM takes its own from β instead).
         max_steps: Largest N, if any.
@@ -84,7 +89,7 @@ class Sampler:
     solve: Callable[..., torch.Tensor]
     summary: str
     default_steps: int
-    nfe: Callable[[int, Mapping[str, Any]], int]
+    nfe: Callable[[int, Mapping[str, Any]], int] = one_per_step
     settings: tuple[Setting, ...] = ()
     uses_sigma_range: bool = True
     max_steps: int | None = None
@@ -160,7 +165,6 @@ register(Sampler(
     solve=sample_ddim,
     summary="DDIM (Song, Meng, Ermon 2021) over DDPM's linear β schedule",
     default_steps=50,
-    nfe=lambda n, settings: n,
     settings=(
         Setting("eta", float, 0.0, "η: 0 deterministic, 1 DDPM-like", at_least=0),
         Setting("spacing", Spacing, "leading", "timestep spacing: leading, trailing, linspace or quadratic"),
@@ -182,7 +186,6 @@ register(Sampler(
     solve=sample_euler,
     summary="Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without Heun)",
     default_steps=50,
-    nfe=lambda n, settings: n,
     settings=SCHEDULE_SETTINGS,
 ))
 register(Sampler(
@@ -198,7 +201,6 @@ register(Sampler(
     solve=sample_euler_ancestral,
     summary="Euler ancestral sampling (Ho et al. 2020; k-diffusion's Euler a)",
     default_steps=50,
-    nfe=lambda n, settings: n,
     settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE),
 ))
 register(Sampler(
@@ -206,7 +208,6 @@ register(Sampler(
     solve=sample_dpmpp_2m,
     summary="DPM-Solver++(2M), second-order multistep (Lu et al. 2022, Algorithm 2)",
     default_steps=20,
-    nfe=lambda n, settings: n,
     settings=SCHEDULE_SETTINGS,
 ))
 register(Sampler(
@@ -214,7 +215,6 @@ register(Sampler(
     solve=sample_dpmpp_2m_sde,
     summary="DPM-Solver++(2M) SDE (Lu et al. 2022)",
     default_steps=25,
-    nfe=lambda n, settings: n,
     settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE,
               Setting("solver_type", Literal["midpoint", "heun"], "midpoint",
                       "the second-order correction: midpoint or heun")),
@@ -224,7 +224,6 @@ register(Sampler(
     solve=sample_dpmpp_3m_sde,
     summary="DPM-Solver++(3M) SDE, third-order multistep (Lu et al. 2022)",
     default_steps=25,
-    nfe=lambda n, settings: n,
     settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE),
 ))
 
