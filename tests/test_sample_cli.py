@@ -121,7 +121,7 @@ BAD = {  # case: (arguments, what the one line must name)
     "empty seeds": (["--ckpt", "{good}", "--seeds", ""], "--seeds: '' is not a seed list"),
     "seed overflow": (["--ckpt", "{good}", "--seeds", "99999999999999999999"], "above the largest seed"),
     "a billion seeds": (["--ckpt", "{good}", "--seeds", "0-1000000000"], "more than 1000000 per run"),
-    "unknown sampler": (["--ckpt", "{good}", "--sampler", "euler"], "--sampler"),
+    "unknown sampler": (["--ckpt", "{good}", "--sampler", "eulr"], "--sampler"),
     "infinite sigma_max": (["--ckpt", "{good}", "--sigma-max", "inf"], "sigma_max: inf must be finite"),
     "NaN eta": (["--ckpt", "{good}", "--sampler", "ddim", "--eta", "nan"], "eta: nan is not a number"),
     "DDIM steps beyond T": (["--ckpt", "{good}", "--sampler", "ddim", "--steps", "2000"], "1000 training timesteps"),

@@ -172,7 +172,7 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
     ([*DIGITS, "--data.image_size", "7"], "sample_size"),
     ([*DIGITS, "--model.net.init_args.attn_resolutions", "[3]"], "attn_resolutions"),
     ([*DIGITS, "--model.net.init_args.channel_mult", "[]"], "channel_mult"),
-    ([*DIGITS, "--sample_grids.samplers", '[{"sampler": "euler"}]'], "sampler"),
+    ([*DIGITS, "--sample_grids.samplers", '[{"sampler": "eulr"}]'], "sampler"),
     ([*DIGITS, "--trainer.precision", "8-bit"], "trainer.precision"),
     ([*DIGITS, "--ema.half_life_kimg", "0"], "ema.half_life_kimg"),
     ([*DIGITS, "--data.dataset", "folder", "--data.root", "no_such_folder"], "no_such_folder"),
