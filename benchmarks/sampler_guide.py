@@ -277,8 +277,7 @@ def measure_tradeoff(args, ckpt: Path, denoiser, data: ImageDataModule, metrics:
     for label, settings, _ in CURVES:
         cells = []
         for budget in [b for b in BUDGETS if b <= args.max_nfe] or BUDGETS[:1]:
-            config = SamplerConfig(**settings)
-            config = SamplerConfig(**settings, steps=steps_within(config, budget))
+            config = SamplerConfig(**settings, steps=steps_within(SamplerConfig(**settings), budget))
             images = sample(config, denoiser, seeds, args.batch_size)
             metrics.add_generated(quantize(images.float()))
             fid = metrics.compute()["fid"]

@@ -108,8 +108,7 @@ def log_likelihood(
     fixed_probes = _probes(state, probes, probe, generator) if divergence == "hutchinson" else None
 
     def dynamics(sigma: torch.Tensor, carried: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        drift, div = _drift_and_divergence(denoiser, carried[0], sigma, divergence, fixed_probes)
-        return drift, div
+        return _drift_and_divergence(denoiser, carried[0], sigma, divergence, fixed_probes)
 
     grid = torch.tensor([low, high], dtype=torch.float64, device=state.device)
     start = (state, torch.zeros(state.shape[0], dtype=torch.float64, device=state.device))
