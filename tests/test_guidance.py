@@ -105,6 +105,30 @@ def test_guided_samples_of_every_sampler_land_in_the_requested_class(sampler, w)
         assert residual.std().item() == pytest.approx(SD, rel=0.08)
 
 
+@pytest.mark.parametrize("sampler", list(PIPELINES))
+def test_editing_follows_the_class_labels_and_guidance(sampler):
+    factory, kwargs = PIPELINES[sampler]
+    pipe = factory(MixtureDenoiser())
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.full((1, 1, 4, 4), MEANS[0].item())  # a class-0 image
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:, :] = 1  # regenerate the lower half
+
+    def lower_half_means(labels, w, **call):
+        images = pipe(batch_size=len(labels), class_labels=labels, guidance_scale=w, image=image,
+                      generator=torch.Generator().manual_seed(0), output_type="pt", **call, **kwargs).images
+        if "mask_image" in call:
+            assert torch.equal(images[..., :2, :], ((image[..., :2, :] + 1) / 2).expand(len(labels), 1, 2, 4))
+        return (images[..., 2:, :] * 2 - 1).flatten(1).mean(1)
+
+    # Given its class, a pixel is independent of the others: the lower half is the requested class's, whatever is
+    # kept above it. Guidance (w = 3) agrees when the class is the kept half's; against it, the unconditional
+    # prediction follows the kept half and guidance would extrapolate past the class (w = 1 is plain conditional).
+    assert (lower_half_means(torch.full((12,), 0), 3.0, mask_image=mask) - MEANS[0]).abs().max() < 0.15
+    assert (lower_half_means(torch.full((12,), 2), 1.0, mask_image=mask) - MEANS[2]).abs().max() < 0.15
+    assert (lower_half_means(torch.full((12,), 2), 2.0, strength=0.6) - MEANS[2]).abs().max() < 0.15
+
+
 def test_guidance_sharpens_classes():
     # w > 1 pushes samples away from the other classes: the spread within a class shrinks.
     def spread(w):

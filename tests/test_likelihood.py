@@ -5,37 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import MixtureDenoiser
 
 from vediff import bits_per_dim, dequantize, log_likelihood
 
-SIGMA_MIN, SIGMA_MAX = 0.01, 80.0
-MEANS = torch.tensor([[-0.6, 0.4, 0.0, 0.7], [0.5, -0.5, 0.6, -0.2], [0.1, 0.8, -0.7, 0.3]], dtype=torch.float64)
-SPREAD = 0.2
-
-
-class MixtureDenoiser:
-    """The ideal denoiser of an equal mixture of N(m_k, s²·I) over 2×2 images, and its smoothed log-density."""
-
-    sigma_min, sigma_max, data_range = SIGMA_MIN, SIGMA_MAX, (-1.0, 1.0)
-
-    def __init__(self, means: torch.Tensor = MEANS, spread: float = SPREAD) -> None:
-        self.means, self.spread = means, spread
-
-    def __call__(self, x, sigma, class_labels=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
-        variance = self.spread**2 + sigma**2
-        flat, means = x.flatten(1), self.means.to(x.dtype)
-        weights = torch.softmax(-torch.cdist(flat, means) ** 2 / (2 * variance), dim=1)
-        per_component = (self.spread**2 * flat[:, None] + sigma[:, :, None] ** 2 * means[None]) / variance[:, :, None]
-        return (weights[:, :, None] * per_component).sum(1).view_as(x)
-
-    def log_density(self, x, sigma):
-        """log p_σ(x): the mixture convolved with N(0, σ²·I) is the mixture with variances s² + σ²."""
-        variance, flat = self.spread**2 + sigma**2, x.flatten(1).double()
-        dims = flat.shape[1]
-        log_normal = -torch.cdist(flat, self.means) ** 2 / (2 * variance)
-        log_normal = log_normal - 0.5 * dims * math.log(2 * math.pi * variance)
-        return torch.logsumexp(log_normal, dim=1) - math.log(len(self.means))
+SIGMA_MIN, SIGMA_MAX = MixtureDenoiser.sigma_min, MixtureDenoiser.sigma_max
 
 
 def gaussian():

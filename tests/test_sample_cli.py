@@ -1,5 +1,6 @@
 """sample.py end to end in subprocesses, on a tiny model trained by the test."""
 
+import inspect
 import json
 import os
 import pickle
@@ -14,6 +15,9 @@ import pytest
 import torch
 from conftest import REPO, TINY_DIGITS, Trap, run_script, tree
 from PIL import Image
+
+from vediff import ConfigError
+from vediff.cli.sample import build_parser, image_path, run
 
 SEEDS = list(range(6))
 
@@ -378,7 +382,7 @@ def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_chec
     assert len(recognition) == 1 + 2 + 4  # real digits, two unconditional samplers, two conditional at w = 1 and 2
 
 
-def test_train_py_test_reports_held_out_bits_per_dim(checkpoint):
+def test_train_py_test_reports_held_out_bits_per_dim_and_fid(checkpoint):
     cwd = checkpoint.parents[4]
     result = run_script("train.py", "test", *TINY_DIGITS, "--ckpt_path", str(checkpoint), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -392,3 +396,117 @@ def test_train_py_test_reports_held_out_bits_per_dim(checkpoint):
     runs = sorted((cwd / "lightning_logs" / "digits").glob("version_*"))
     logged = scalars(runs[-1])
     assert logged["test/bits_per_dim"][-1][1] == pytest.approx(bpd, rel=1e-3)
+    # The configured sample_quality callback (8 images here) adds FID and KID against the training set.
+    fid = re.search(r"test/fid/karras_ve\s*│?\s*([0-9.]+)", result.stdout)
+    assert fid and logged["test/fid/karras_ve"][-1][1] == pytest.approx(float(fid.group(1)), rel=1e-3)
+    assert float(fid.group(1)) > 0 and "test/kid/karras_ve" in logged
+
+
+def digit_files(folder, count=1):
+    """Held-out-free test inputs: sklearn's first digits as 8-bit grayscale PNGs, and a mask of their lower half."""
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (load_digits().images[:count] / 16 * 255).round().astype(np.uint8)
+    paths = []
+    for k, image in enumerate(pixels):
+        paths.append(folder / f"digit_{k}.png")
+        Image.fromarray(image).save(paths[-1])
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:] = 255
+    Image.fromarray(mask).save(folder.parent / "mask.png")
+    return pixels, paths, folder.parent / "mask.png"
+
+
+def test_inpainting_and_image_to_image_from_the_command_line(checkpoint, tmp_path):
+    pixels, paths, mask = digit_files(tmp_path / "inputs", 2)
+    first = sample(checkpoint, tmp_path / "one", "--init-image", str(paths[0]), "--mask", str(mask),
+                   "--resample-steps", "1")
+    assert "Editing images with" in first.stdout
+    written = [np.asarray(Image.open(image_path(tmp_path / "one", seed))) for seed in range(6)]
+    for image in written:  # the kept upper half comes back byte for byte
+        assert np.array_equal(image[:4], pixels[0][:4])
+    assert len({image[4:].tobytes() for image in written}) == 6  # each seed draws its own lower half
+    # A folder gives one image per seed, in name order: seeds 7 and 9 get digit_0 and digit_1.
+    sample(checkpoint, tmp_path / "folder", "--init-image", str(paths[0].parent), "--mask", str(mask),
+           "--seeds", "7,9")
+    for seed, source in zip((7, 9), pixels, strict=True):
+        assert np.array_equal(np.asarray(Image.open(image_path(tmp_path / "folder", seed)))[:4], source[:4])
+    # Image-to-image with a strength below one of 3 steps runs nothing and gives the image back.
+    sample(checkpoint, tmp_path / "weak", "--init-image", str(paths[1]), "--strength", "0.2", "--seeds", "0")
+    assert np.array_equal(np.asarray(Image.open(image_path(tmp_path / "weak", 0))), pixels[1])
+
+
+def image_of(path, mode, size=8):
+    Image.new(mode, (size, size)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("make_args", "message"), [
+    (lambda d: ["--mask", image_of(d / "m.png", "L")], "--mask: editing needs --init-image"),
+    (lambda d: ["--init-image", image_of(d / "rgb.png", "RGB")],
+     "rgb.png' has PIL mode RGB; the model takes 1-channel 8-bit images (mode L)"),
+    (lambda d: ["--init-image", image_of(d / "p.png", "P")], "has PIL mode P"),
+    (lambda d: ["--init-image", image_of(d / "big.png", "L", 16)], "is 16×16 pixels; the model draws 8×8 images"),
+    (lambda d: ["--init-image", str(d / "missing.png")], "missing.png' does not exist"),
+    (lambda d: ["--init-image", str(d)], "holds 0 images for 6 seeds"),
+    (lambda d: ["--init-image", image_of(d / "a.png", "L"), "--strength", "0"], "--strength: 0.0 must lie in (0, 1]"),
+    (lambda d: ["--init-image", image_of(d / "a.png", "L"), "--resample-steps", "2"],
+     "--resample-steps: 2 needs --mask"),
+    (lambda d: ["--init-image", image_of(d / "a.png", "L"), "--mask", image_of(d / "m.png", "RGBA")],
+     "--mask: '"),
+    (lambda d: ["--init-image", image_of(d / "a.png", "L"), "--fid"], "does not combine with --fid"),
+])
+def test_bad_editing_inputs_are_one_line_errors_that_write_nothing(checkpoint, tmp_path, make_args, message):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    args = ["--ckpt", str(checkpoint), "--outdir", str(tmp_path / "out"), "--seeds", "0-5", "--steps", "2",
+            *make_args(inputs)]
+    with pytest.raises(ConfigError) as error:  # in-process: the checks run before anything is sampled
+        run(build_parser().parse_args(args))
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_editing_input_exits_with_one_line(checkpoint, tmp_path):
+    result = run_script("sample.py", "--ckpt", str(checkpoint), "--outdir", str(tmp_path / "out"), "--init-image",
+                        image_of(tmp_path / "rgb.png", "RGB"), cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.startswith("sample.py: error: --init-image: '") and len(result.stderr.splitlines()) == 1
+
+
+def test_inpainting_held_out_digits_keeps_their_class(conditional_checkpoint):
+    from sklearn.linear_model import LogisticRegression
+
+    from vediff import KarrasVePipeline, SamplerConfig
+    from vediff.pipelines.loading import read_checkpoint
+    from vediff.training.data import ImageDataModule
+
+    ckpt = conditional_checkpoint / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(ckpt)["datamodule_hyper_parameters"]
+    data = ImageDataModule(**{k: v for k, v in saved.items() if k in inspect.signature(ImageDataModule).parameters})
+    data.setup("fit")
+
+    def split(subset, count):
+        items = [subset[i] for i in range(count)]
+        return torch.stack([item["images"] for item in items]), np.array([int(item["labels"]) for item in items])
+
+    train_images, train_labels = split(data.train_set, len(data.train_set))
+    held_out, labels = split(data.val_set, 100)
+    classifier = LogisticRegression(max_iter=3000).fit(((train_images + 1) / 2).flatten(1).numpy(), train_labels)
+    pipe = KarrasVePipeline.from_pretrained(ckpt)
+    pipe.set_progress_bar_config(disable=True)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:, :] = 1
+    config = SamplerConfig(steps=18, guidance_scale=0.0)  # the unconditional model: no label helps
+
+    def accuracy(resample_steps: int) -> float:
+        images = config.generate(pipe, range(100), class_labels=[0] * 100, image=held_out, mask_image=mask,
+                                 resample_steps=resample_steps)
+        assert torch.equal(images[..., :4, :], ((held_out[..., :4, :] + 1) / 2))
+        pixels = ((images * 255).round() / 255).flatten(1).numpy()
+        return float((classifier.predict(pixels) == labels).mean())
+
+    # Measured on 200 held-out digits: 0.49 with plain imputation, 0.61 with 5 resampling rounds; chance is 0.1.
+    assert accuracy(0) > 0.3
+    assert accuracy(4) > 0.3

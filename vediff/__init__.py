@@ -4,7 +4,8 @@ Layers, each importing only those above it:
 
     vediff.models      the denoiser contract, UNet2D, EDM/VE preconditioning, classifier-free guidance, networks
                        trained elsewhere (diffusers' VP and VE score models) as denoisers
-    vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry
+    vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry, editing
+                       (inpainting, image-to-image) and exact likelihoods over any sampler or denoiser
     vediff.pipelines   diffusers-style schedulers and pipelines, SamplerConfig, denoisers on disk
     vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics
     vediff.cli         train.py and sample.py
@@ -34,6 +35,7 @@ from vediff.pipelines.schedulers import (
     SdeVeOutput,
     SigmaScheduler,
 )
+from vediff.sampling.editing import impute, resample
 from vediff.sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 from vediff.sampling.registry import SAMPLERS, Sampler, Setting
 from vediff.sampling.solvers import (
@@ -92,8 +94,10 @@ __all__ = [
     "bits_per_dim",
     "dequantize",
     "guided",
+    "impute",
     "load_denoiser",
     "log_likelihood",
+    "resample",
     "sample_ddim",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",

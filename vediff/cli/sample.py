@@ -1,4 +1,5 @@
-"""sample.py: draw images from a trained checkpoint with any of the three samplers, on one or many devices."""
+"""sample.py: draw images from a trained checkpoint with any registered sampler, on one or many devices; edit images
+(inpainting, image-to-image) through the same samplers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
 from vediff.pipelines.hub import resolve
+from vediff.pipelines.inputs import read_image_files
 from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser_folder, read_checkpoint
 from vediff.sampling.grids import image_grid, to_uint8
 from vediff.sampling.registry import SAMPLERS, Setting
@@ -72,8 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="network precision (sampler arithmetic stays float32)")
     arg("--compile", action="store_true", help="compile the network with torch.compile (pays off for many batches)")
     arg("--channels-last", action="store_true", help="channels-last memory layout for the network")
+    add_editing_arguments(parser)
     add_sampler_arguments(parser)
     return parser
+
+
+def add_editing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "editing", "edit images through the sampler (vediff.sampling.editing): inpainting with --mask, image-to-image "
+                   "without")
+    group.add_argument("--init-image", metavar="PATH",
+                       help="the image to edit, at the model's size and channels: one file for every seed, or a "
+                            "folder with one image per seed (matched in name order)")
+    group.add_argument("--mask", metavar="PATH",
+                       help="inpainting mask(s), file or folder like --init-image: white regenerates, black keeps")
+    group.add_argument("--strength", type=float, metavar="X",
+                       help="fraction of the schedule that runs from the noised image, in (0, 1] (default: 0.8 for "
+                            "image-to-image, 1 for inpainting)")
+    group.add_argument("--resample-steps", type=int, metavar="N",
+                       help="inpainting: RePaint's extra takes of each step, to harmonise the seam (default 0; each "
+                            "one adds the sampler's cost again)")
+
+
+def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
+    """The editing keyword arguments of the pipeline, per seed in order, checked and read before anything runs."""
+    given = {flag: value for flag, value in (("--mask", args.mask), ("--strength", args.strength),
+                                             ("--resample-steps", args.resample_steps)) if value is not None}
+    if args.init_image is None:
+        if given:
+            raise ConfigError(f"{', '.join(given)}: editing needs --init-image, the image(s) to edit")
+        return {}
+    if args.fid or args.export is not None:
+        raise ConfigError(f"--init-image: editing writes edited images; it does not combine with "
+                          f"{'--fid' if args.fid else '--export'}")
+    if args.strength is not None and not 0 < args.strength <= 1:  # NaN fails too
+        raise ConfigError(f"--strength: {args.strength} must lie in (0, 1]; 1 runs the whole schedule")
+    if args.resample_steps is not None and (args.resample_steps < 0 or args.mask is None):
+        raise ConfigError(f"--resample-steps: {args.resample_steps} needs --mask (it is for inpainting) and must be 0 "
+                          "or more")
+    channels, size = denoiser.in_channels, denoiser.sample_size
+    extra = {"image": read_image_files(args.init_image, "--init-image", num_seeds, channels, size)}
+    if args.mask is not None:
+        extra["mask_image"] = read_image_files(args.mask, "--mask", num_seeds, channels, size, mask=True)
+    if args.strength is not None:
+        extra["strength"] = args.strength
+    if args.resample_steps:
+        extra["resample_steps"] = args.resample_steps
+    return extra
 
 
 # Flags that keep a shorter name than their SamplerConfig field.
@@ -240,6 +287,7 @@ def run(args: argparse.Namespace) -> None:
     del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
     standard = quality is not None and quality[0].dataset_name == "cifar10"
     seeds = seeds or parse_seeds("0-49999" if standard else "0-63")
+    editing = editing_inputs(args, denoiser, len(seeds))
     labels, label_source = None, None
     if classes is not None:
         labels, label_source = dict(zip(seeds, cycle_labels(classes, len(seeds)), strict=True)), args.class_labels
@@ -253,7 +301,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--device/--devices: {error}") from None
     outdir.mkdir(parents=True, exist_ok=True)
     fabric.launch()
-    fabric.print(f"Sampling {ckpt} with {config.sampler}, {config.nfe} network evaluations per image")
+    what = "Editing images with" if editing else "Sampling"
+    fabric.print(f"{what} {ckpt} with {config.sampler}, {config.nfe} network evaluations per image"
+                 f"{' before editing' if editing else ''}")
     start = time.perf_counter()
     denoiser = denoiser.to(fabric.device)
     if args.channels_last:
@@ -261,12 +311,15 @@ def run(args: argparse.Namespace) -> None:
     if args.compile:
         denoiser.net.compile()
     pipeline = config.pipeline(denoiser)
-    mine = seeds[fabric.global_rank :: fabric.world_size]
+    mine = list(range(len(seeds)))[fabric.global_rank :: fabric.world_size]  # positions in the seed list
     with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
-        for chunk in batches(mine, args.batch_size):
+        for positions in batches(mine, args.batch_size):
+            chunk = [seeds[p] for p in positions]
             chunk_labels = [labels[seed] for seed in chunk] if labels else None
+            edits = {name: value[positions] if isinstance(value, np.ndarray) else value
+                     for name, value in editing.items()}
             with fabric.autocast():
-                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels)).numpy()
+                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels, **edits)).numpy()
             for seed, image in zip(chunk, images, strict=True):
                 save_png(image, image_path(outdir, seed))
             bar.update(len(chunk))

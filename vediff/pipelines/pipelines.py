@@ -25,6 +25,7 @@ from vediff.models.external import VPDenoiser
 from vediff.models.guidance import conditioned
 from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.hub import is_diffusers_folder, resolve
+from vediff.pipelines.inputs import as_batch, binary_mask
 from vediff.pipelines.loading import MODEL_INDEX, SCHEDULER_CONFIG, load_denoiser, read_json, save_denoiser
 from vediff.pipelines.schedulers import (
     DDIMScheduler,
@@ -34,12 +35,14 @@ from vediff.pipelines.schedulers import (
     ScoreSdeVeScheduler,
     SigmaScheduler,
 )
+from vediff.sampling.editing import first_step, impute, resample, shifted
 from vediff.sampling.registry import SAMPLERS
 from vediff.sampling.schedules import append_zero, given_sigmas
 from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
-from vediff.utils import ConfigError, check_number, package_version, write_json
+from vediff.utils import ConfigError, check_count, check_number, package_version, write_json
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")  # "numpy" as diffusers' pipelines take it
+EDITING_ARGUMENTS = ("image", "mask_image", "strength", "resample_steps")
 
 
 @dataclass
@@ -58,6 +61,17 @@ class ImagePipeline:
     unconditional, > 1 guided; default 1), `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
     and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised). A tqdm progress
     bar shows the steps unless `set_progress_bar_config(disable=True)`.
+
+    Editing (`vediff.sampling.editing`), with any sampler, conditioning and guidance:
+    - `image`: a tensor (B, C, H, W) in [−1, 1], PIL images, or a NumPy array (H, W, C) or (B, H, W, C) in [0, 1];
+      one image serves the whole batch.
+    - `mask_image` (with `image`): inpainting, as diffusers reads the mask: white/1 regenerate, black/0 keep. The
+      kept pixels come back exactly as given. `resample_steps` (default 0): RePaint's extra takes of each step
+      (Lugmayr et al. 2022), which bring the regenerated region closer to the image's conditional distribution at
+      (1 + resample_steps) times the cost; multistep solvers take their first-order step when resampling.
+    - `strength` in (0, 1]: the fraction of the schedule that runs, from the image noised to the level where that
+      fraction begins (SDEdit, Meng et al. 2022; diffusers' meaning). Default 0.8 for image-to-image, 1 for
+      inpainting; 1 starts from pure noise, exactly as sampling without an image; below 1/N the image comes back.
     """
 
     scheduler_class: type[Scheduler] = Scheduler
@@ -181,10 +195,15 @@ class ImagePipeline:
             raise ValueError(f"num_inference_steps: {num_inference_steps} must be a positive integer")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-        unknown = set(extra) - {"class_labels", "guidance_scale", "dtype", "callback"}
+        unknown = set(extra) - {"class_labels", "guidance_scale", "dtype", "callback", *EDITING_ARGUMENTS}
         if unknown:
             raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are class_labels, "
-                             "guidance_scale, dtype and callback")
+                             f"guidance_scale, dtype, callback, {', '.join(EDITING_ARGUMENTS)}")
+        orphans = sorted(set(extra) & set(EDITING_ARGUMENTS[1:]))
+        if orphans and extra.get("image") is None:
+            raise ValueError(f"{', '.join(orphans)}: editing needs `image`, the picture to inpaint or transform")
+        if extra.get("resample_steps") and extra.get("mask_image") is None:
+            raise ValueError("resample_steps: resampling is for inpainting; give mask_image as well")
 
     def _denoiser(self, batch_size: int, extra: dict[str, Any]) -> Denoiser:
         """The denoiser the sampler walks: `unet`, or `unet` with the batch's class labels bound and guided."""
@@ -215,16 +234,66 @@ class ImagePipeline:
     def _generate(self, batch_size: int, steps: int, generator: Generators, output_type: str, return_dict: bool,
                   extra: dict[str, Any], **settings: Any) -> ImagePipelineOutput | tuple:
         self._check(batch_size, steps, output_type, extra)
+        data_range = getattr(self.unet, "data_range", (-1.0, 1.0))
         z = self._initial_noise(batch_size, generator, extra.get("dtype", torch.float32))
-        solver_options = {"noise": noise_from(generator), "callback": extra.get("callback"),
-                          "progress": self._progress()}
-        x = self._sample(self._denoiser(batch_size, extra), z, steps, solver_options, **settings)
-        return self._output(x, getattr(self.unet, "data_range", (-1.0, 1.0)), output_type, return_dict)
+        image, keep = self._editing_inputs(extra, batch_size, data_range, z.dtype)
+        sigmas = self._plan(steps, **settings)
+        steps = len(sigmas) - 1
+        start = first_step(extra.get("strength", 0.8 if keep is None else 1.0), steps) if image is not None else 0
+        if start == steps:  # strength below one step: nothing runs and the image comes back
+            return self._output(image, data_range, output_type, return_dict)
+        denoiser = self._denoiser(batch_size, extra)
+        if keep is not None:
+            denoiser = impute(denoiser, image, keep)
+        x = z * self._prior_scale(sigmas[0].item()) if start == 0 else image + sigmas[start].item() * z
+        noise, callback, resample_steps = noise_from(generator), extra.get("callback"), extra.get("resample_steps", 0)
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any],
-                **settings: Any) -> torch.Tensor:
-        """The sampler's images in the VE frame, from standard normal `z`; `solver_options` go to the solver."""
+        def run(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+            options = {"noise": noise, "callback": shifted(callback, first),
+                       "progress": self._progress() if not resample_steps else False}
+            return self._run(denoiser, x, first, stop, options, **settings)
+
+        if resample_steps:
+            x = resample(run, x, sigmas, start, resample_steps, noise, self._progress())
+        else:
+            x = run(x, start, steps)
+        x = self._finish(x, sigmas)
+        if keep is not None:  # the kept pixels exactly as given, whatever the sampler's last step left there
+            x = torch.lerp(image, x, 1 - keep)
+        return self._output(x, data_range, output_type, return_dict)
+
+    def _editing_inputs(self, extra: dict[str, Any], batch_size: int, data_range: tuple[float, float],
+                        dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The editing image in the model's data frame and the keep mask (1 keep, 0 regenerate), or None."""
+        if "strength" in extra:
+            check_number("strength", extra["strength"], above=0)
+        check_count("resample_steps", extra.get("resample_steps", 0), 0)
+        if extra.get("image") is None:
+            return None, None
+        channels, size = self.unet.in_channels, self.unet.sample_size
+        low, high = data_range
+        image = low + (high - low) * as_batch(extra["image"], "image", channels, size, batch_size)
+        image = image.to(self.device, dtype)
+        mask = extra.get("mask_image")
+        keep = None if mask is None else (1 - binary_mask(mask, size, batch_size)).to(self.device, dtype)
+        return image, keep
+
+    def _plan(self, steps: int, **settings: Any) -> torch.Tensor:
+        """Set the scheduler for `steps` steps; returns the N + 1 noise levels the steps walk (VE frame)."""
         raise NotImplementedError
+
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
+             **settings: Any) -> torch.Tensor:
+        """Steps [start, stop) of the planned schedule from `x` (VE frame); `solver_options` go to the solver."""
+        raise NotImplementedError
+
+    def _prior_scale(self, sigma: float) -> float:
+        """The standard deviation of the sampler's starting noise at the first level σ."""
+        return sigma
+
+    def _finish(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The images from the state after the last step."""
+        return x
 
     @staticmethod
     def _output(x: torch.Tensor, data_range: tuple[float, float], output_type: str,
@@ -259,12 +328,16 @@ class KarrasVePipeline(ImagePipeline):
                                  s_min=settings["s_min"], s_max=settings["s_max"],
                                  sigma_schedule=settings["schedule"], rho=settings["rho"])
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
-        scheduler, config = self.scheduler, self.scheduler.config
-        scheduler.set_timesteps(steps)
-        return sample_karras_ve(denoiser, z * scheduler.sigmas[0].item(), scheduler.sigmas, s_churn=config["s_churn"],
-                                s_min=config["s_min"], s_max=config["s_max"], s_noise=config["s_noise"],
-                                **solver_options)
+    def _plan(self, steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.sigmas
+
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int,
+             solver_options: dict[str, Any]) -> torch.Tensor:
+        sigmas, config = self.scheduler.sigmas, self.scheduler.config
+        s_churn = churn_over_part(config["s_churn"], stop - start, len(sigmas) - 1)
+        return sample_karras_ve(denoiser, x, sigmas[start : stop + 1], s_churn=s_churn, s_min=config["s_min"],
+                                s_max=config["s_max"], s_noise=config["s_noise"], **solver_options)
 
 
 # Song et al. (2021), predictor–corrector sampling of the VE SDE.
@@ -293,15 +366,23 @@ class ScoreSdeVePipeline(ImagePipeline):
 
     default_steps = 2000  # diffusers' default; vediff's entry points use the registry's 200
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any]) -> torch.Tensor:
+    def _plan(self, steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        self.scheduler.set_sigmas(steps)
+        return append_zero(self.scheduler.predictor_sigmas()[0])
+
+    def _prior_scale(self, sigma: float) -> float:
+        return self.scheduler.init_noise_sigma
+
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int,
+             solver_options: dict[str, Any]) -> torch.Tensor:
         scheduler, config = self.scheduler, self.scheduler.config
-        scheduler.set_timesteps(steps)
-        scheduler.set_sigmas(steps)
         sigmas, sigmas_below = scheduler.predictor_sigmas()
-        return sample_score_sde_ve(denoiser, z * scheduler.init_noise_sigma, append_zero(sigmas), snr=config["snr"],
-                                   correct_steps=config["correct_steps"], model_sigmas=scheduler.sigmas,
-                                   sigmas_below=sigmas_below, step_size_per_sample=config["step_size_per_sample"],
-                                   **solver_options)
+        return sample_score_sde_ve(denoiser, x, append_zero(sigmas)[start : stop + 1], snr=config["snr"],
+                                   correct_steps=config["correct_steps"], model_sigmas=scheduler.sigmas[start:stop],
+                                   sigmas_below=sigmas_below[start:stop],
+                                   step_size_per_sample=config["step_size_per_sample"],
+                                   return_mean=stop == len(sigmas), **solver_options)
 
 
 # DDIM (Song, Meng, Ermon 2021), run in the VE frame of a σ-denoiser.
@@ -348,18 +429,25 @@ class DDIMPipeline(ImagePipeline):
         return self._generate(batch_size, num_inference_steps, generator, output_type, return_dict, kwargs, eta=eta,
                               use_clipped_model_output=bool(use_clipped_model_output))
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any], eta: float,
-                use_clipped_model_output: bool) -> torch.Tensor:
-        scheduler, config = self.scheduler, self.scheduler.config
-        scheduler.set_timesteps(steps)
-        sigmas = scheduler.sigmas()
-        # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame; the result goes back by 1/√(1 + σ_0²).
+    def _plan(self, steps: int, **settings: Any) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.sigmas()
+
+    # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame; the result goes back by 1/√(1 + σ_0²).
+    def _prior_scale(self, sigma: float) -> float:
+        return math.sqrt(1 + sigma**2)
+
+    def _finish(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return x / math.sqrt(1 + sigmas[-1].item() ** 2)
+
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
+             eta: float, use_clipped_model_output: bool) -> torch.Tensor:
+        config = self.scheduler.config
         threshold = {"dynamic_thresholding_ratio": config["dynamic_thresholding_ratio"],
                      "sample_max_value": config["sample_max_value"]} if config["thresholding"] else {}
-        x = sample_ddim(denoiser, z * math.sqrt(1 + sigmas[0].item() ** 2), sigmas, eta=eta,
-                        clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
-                        use_clipped_model_output=use_clipped_model_output, **threshold, **solver_options)
-        return x / math.sqrt(1 + sigmas[-1].item() ** 2)
+        return sample_ddim(denoiser, x, self.scheduler.sigmas()[start : stop + 1], eta=eta,
+                           clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
+                           use_clipped_model_output=use_clipped_model_output, **threshold, **solver_options)
 
 
 # Karras et al. (2022): any sampler written as a solver over a σ schedule; here, any entry of the sampler registry.
@@ -423,11 +511,25 @@ class SolverPipeline(ImagePipeline):
                              "sigmas; give one of them")
         return self._generate(batch_size, steps, generator, output_type, return_dict, kwargs, sigmas=sigmas)
 
-    def _sample(self, denoiser: Denoiser, z: torch.Tensor, steps: int, solver_options: dict[str, Any],
-                sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    def _plan(self, steps: int, sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
         self.scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas)
-        sigmas = self.scheduler.sigmas
-        return SAMPLERS[self.sampler_name](denoiser, z * sigmas[0].item(), sigmas, **solver_options, **self.settings)
+        return self.scheduler.sigmas
+
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
+             sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+        levels, settings = self.scheduler.sigmas, dict(self.settings)
+        if "s_churn" in settings:
+            settings["s_churn"] = churn_over_part(settings["s_churn"], stop - start, len(levels) - 1)
+        solve = SAMPLERS[self.sampler_name].solve
+        if "return_mean" in inspect.signature(solve).parameters:  # a noise-free mean only where the schedule ends
+            settings["return_mean"] = stop == len(levels) - 1
+        return SAMPLERS[self.sampler_name](denoiser, x, levels[start : stop + 1], **solver_options, **settings)
+
+
+# EDM's γ_i = min(S_churn/N, √2 − 1) counts the steps N of the whole schedule; a run over part of it scales S_churn.
+def churn_over_part(s_churn: float, steps_run: int, steps: int) -> float:
+    """The S_churn that gives a run of `steps_run` steps the γ of a `steps`-step schedule."""
+    return s_churn * steps_run / steps
 
 
 # The pipeline of each sampler that has a diffusers counterpart, by the sampler's registry name; the other

@@ -232,6 +232,7 @@ def sample_score_sde_ve(
     model_sigmas: torch.Tensor | None = None,
     sigmas_below: torch.Tensor | None = None,
     step_size_per_sample: bool = True,
+    return_mean: bool = True,
     noise: Noise | None = None,
     callback: Callback | None = None,
     progress: bool | dict = False,
@@ -243,7 +244,8 @@ def sample_score_sde_ve(
     it, which differs from σ_{i+1} when two steps share a grid level. The score is evaluated at `model_sigmas[i]` (the
     continuous σ(t_i) of Song et al.'s code; by default σ_i). Returns the last noise-free mean. Song et al.'s code
     averages the Langevin step size over the batch, which couples the images of a batch; `step_size_per_sample` (the
-    default) makes each image depend on its own noise only.
+    default) makes each image depend on its own noise only. A run over the first part of a schedule sets `return_mean`
+    False to get the noisy state to continue from.
     """
     check_number("snr", snr, at_least=0)
     check_count("correct_steps", correct_steps, 0)
@@ -261,7 +263,7 @@ def sample_score_sde_ve(
         score = (denoised - x) / sigma_model**2
         x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - below_list[i] ** 2, noise(x))
         _report(callback, i, x, sigma_list[i], denoised, sigma_model)
-    return x_mean
+    return x_mean if return_mean else x
 
 
 # DDIM (Song, Meng, Ermon 2021, eq. 12) written in the VE frame of a σ-denoiser: ᾱ = 1/(1 + σ²), x_ve = x_vp/√ᾱ.

@@ -249,7 +249,8 @@ def log_image(logger: Logger, tag: str, grid: np.ndarray, step: int) -> None:
 
 
 class SampleQuality(Callback):
-    """Every N validations, FID and KID of `num_images` samples against the training set: `fid/<name>`, `kid/<name>`.
+    """Every N validations, FID and KID of `num_images` samples against the training set: `fid/<name>`, `kid/<name>`;
+    under `train.py test`, once more as `test/fid/<name>`, `test/kid/<name>`.
 
     Each process samples its share of the seeds and torchmetrics gathers the features. Reference statistics are
     computed once and cached under the data root (`<root>/fid_refs/`). The feature network (Inception, or raw pixels
@@ -291,7 +292,7 @@ class SampleQuality(Callback):
         self.metrics: QualityMetrics | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.num_images == 0 or self.metrics is not None:
+        if stage not in ("fit", "test") or self.num_images == 0 or self.metrics is not None:
             return
         data = trainer.datamodule
         if data is None or not hasattr(data, "image_size"):
@@ -318,6 +319,17 @@ class SampleQuality(Callback):
         self.validations += 1
         if (self.validations - 1) % self.every_n_val_epochs:
             return
+        self._evaluate(trainer, pl_module, prefix="")
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and self.metrics is not None:
+            self._evaluate(trainer, pl_module, prefix="test/")
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
+        """Sample this process's share of the seeds, then gather the features (a collective) and log FID and KID."""
         self.metrics.to(pl_module.device)
         pipeline = self.sampler.pipeline(pl_module.denoiser)
         seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
@@ -330,8 +342,8 @@ class SampleQuality(Callback):
         values = self.metrics.compute()  # a collective: every process gets here
         label = self.sampler.label
         # The values are already gathered and equal on every process; sync_dist only tells Lightning so.
-        pl_module.log(f"fid/{label}", values["fid"], batch_size=1, sync_dist=True)
-        pl_module.log(f"kid/{label}", values["kid"], batch_size=1, sync_dist=True)
+        pl_module.log(f"{prefix}fid/{label}", values["fid"], batch_size=1, sync_dist=True)
+        pl_module.log(f"{prefix}kid/{label}", values["kid"], batch_size=1, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
