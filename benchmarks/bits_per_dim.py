@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 from common import table, write_section
-from sampler_guide import quick_start_checkpoint, relative
+from sampler_guide import model_and_data, quick_start_checkpoint, relative
 
 from vediff import bits_per_dim, dequantize, log_likelihood
-from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
-from vediff.training.data import ImageDataModule
 
 
 class Counting(torch.nn.Module):
@@ -45,11 +43,8 @@ def main() -> None:
     parser.add_argument("--divergence", choices=["hutchinson", "exact"], default="hutchinson")
     args = parser.parse_args()
     ckpt = args.ckpt or quick_start_checkpoint("digits")
-    checkpoint = read_checkpoint(ckpt)
-    denoiser = Counting(denoiser_from_checkpoint(checkpoint, ckpt))
-    data = ImageDataModule(**{k: v for k, v in checkpoint["datamodule_hyper_parameters"].items()
-                              if k in ImageDataModule.__init__.__code__.co_varnames})
-    data.setup()
+    denoiser, data = model_and_data(ckpt)
+    denoiser = Counting(denoiser)
     images = torch.stack([data.val_set[i]["images"] for i in range(min(args.num_images, len(data.val_set)))])
     pixels = ((images + 1) * 127.5).round()  # the 8-bit values the training images came from
     generator = torch.Generator().manual_seed(0)

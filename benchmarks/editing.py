@@ -17,12 +17,10 @@ import matplotlib
 import numpy as np
 import torch
 from common import REPO, table, write_section
-from sampler_guide import as_pixels, quick_start_checkpoint
+from sampler_guide import as_pixels, model_and_data, quick_start_checkpoint
 
 from vediff import SamplerConfig
-from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
 from vediff.sampling.seeds import batches
-from vediff.training.data import ImageDataModule
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -36,18 +34,10 @@ SAMPLERS = {
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def held_out_digits(checkpoint: dict) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
-    """(held-out images, labels, training images, labels) of the checkpoint's own split, images in [−1, 1]."""
-    saved = checkpoint["datamodule_hyper_parameters"]
-    accepted = ImageDataModule.__init__.__code__.co_varnames
-    data = ImageDataModule(**{**{k: v for k, v in saved.items() if k in accepted}, "num_classes": 10})
-    data.setup()
-
-    def split(subset):
-        items = [subset[i] for i in range(len(subset))]
-        return torch.stack([item["images"] for item in items]), np.array([int(item["labels"]) for item in items])
-
-    return *split(data.val_set), *split(data.train_set)
+def split(subset) -> tuple[torch.Tensor, np.ndarray]:
+    """The images (in [−1, 1]) and labels of a split."""
+    items = [subset[i] for i in range(len(subset))]
+    return torch.stack([item["images"] for item in items]), np.array([int(item["labels"]) for item in items])
 
 
 def edit(config: SamplerConfig, denoiser, images: torch.Tensor, batch_size: int = 256, **call) -> torch.Tensor:
@@ -83,10 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     from sklearn.neural_network import MLPClassifier
 
-    ckpt = args.ckpt or quick_start_checkpoint("digits")
-    checkpoint = read_checkpoint(ckpt)
-    denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
-    images, labels, train_images, train_labels = held_out_digits(checkpoint)
+    denoiser, data = model_and_data(args.ckpt or quick_start_checkpoint("digits"), num_classes=10)
+    (images, labels), (train_images, train_labels) = split(data.val_set), split(data.train_set)
     images, labels = images[: args.num_images], labels[: args.num_images]
     classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=2000, random_state=0)
     classifier.fit(as_pixels((train_images + 1) / 2), train_labels)

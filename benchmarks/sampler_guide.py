@@ -25,6 +25,7 @@ import torch
 from common import REPO, machine, table
 from torchvision.utils import make_grid, save_image
 
+from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.config import SamplerConfig
 from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
 from vediff.sampling.registry import settings_table
@@ -85,6 +86,16 @@ def quick_start_checkpoint(name: str) -> Path:
                         "--trainer.enable_progress_bar", "false"], cwd=REPO, check=True)
         found = newest_checkpoint(REPO / "lightning_logs" / name)
     return found
+
+
+def model_and_data(ckpt: Path, **data_overrides) -> tuple[Denoiser, ImageDataModule]:
+    """The EMA denoiser of a training checkpoint and its data module, set up with the checkpoint's own split."""
+    checkpoint = read_checkpoint(ckpt)
+    saved = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items()
+             if k in ImageDataModule.__init__.__code__.co_varnames}
+    data = ImageDataModule(**{**saved, **data_overrides})
+    data.setup()
+    return denoiser_from_checkpoint(checkpoint, ckpt), data
 
 
 def sample(config: SamplerConfig, denoiser, seeds: list[int], batch_size: int,
@@ -234,10 +245,7 @@ def main() -> None:
     parser.add_argument("--outdir", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     ckpt = args.ckpt or quick_start_checkpoint("digits")
-    checkpoint = read_checkpoint(ckpt)
-    denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
-    data = ImageDataModule(**{k: v for k, v in checkpoint["datamodule_hyper_parameters"].items()
-                              if k in ImageDataModule.__init__.__code__.co_varnames})
+    denoiser, data = model_and_data(ckpt)
     extractor = feature_extractor("pixels", data.channels, data.image_size)
     metrics = QualityMetrics(extractor)
     metrics.set_reference(reference_statistics(data, extractor, "pixels"))

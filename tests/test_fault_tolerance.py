@@ -99,6 +99,7 @@ def test_sigterm_saves_the_finished_step_and_resumes_after_it(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 3
 
 
+@pytest.mark.slow  # a minute of random kills; the SIGTERM and full-disk tests cover the default run
 def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
     # A checkpoint every step, of a model big enough that saving takes much of each step: kills land in saves too.
     args = [*TRAIN_ONLY, "--model.net.init_args.model_channels", "32", "--trainer.max_steps", "1000",

@@ -264,8 +264,8 @@ def test_export_writes_a_pipeline_folder_that_samples_the_same_images(checkpoint
     for seed in SEEDS:
         assert (tmp_path / "from_folder" / f"{seed:06d}.png").read_bytes() == \
                (tmp_path / "from_ckpt" / f"{seed:06d}.png").read_bytes(), seed
-    refused = run_script("sample.py", "--ckpt", str(tmp_path / "pipe"), "--fid", cwd=tmp_path)
-    assert refused.returncode == 2 and "--fid: the pipeline folder" in refused.stderr
+    with pytest.raises(ConfigError, match="--fid: the pipeline folder"):
+        run(build_parser().parse_args(["--ckpt", str(tmp_path / "pipe"), "--fid"]))
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +352,7 @@ def markdown_tables(text: str) -> dict[str, list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow  # the figure script of docs/samplers.md, end to end
 def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_checkpoint, tmp_path):
     cond_ckpt = conditional_checkpoint / "checkpoints" / "last.ckpt"
     result = run_script("benchmarks/sampler_guide.py", "--ckpt", str(checkpoint), "--cond-ckpt", str(cond_ckpt),
@@ -427,13 +428,16 @@ def test_inpainting_and_image_to_image_from_the_command_line(checkpoint, tmp_pat
     for image in written:  # the kept upper half comes back byte for byte
         assert np.array_equal(image[:4], pixels[0][:4])
     assert len({image[4:].tobytes() for image in written}) == 6  # each seed draws its own lower half
-    # A folder gives one image per seed, in name order: seeds 7 and 9 get digit_0 and digit_1.
-    sample(checkpoint, tmp_path / "folder", "--init-image", str(paths[0].parent), "--mask", str(mask),
-           "--seeds", "7,9")
+    # In-process from here (the command line is the same): a folder gives one image per seed, in name order, so
+    # seeds 7 and 9 get digit_0 and digit_1.
+    common = ["--ckpt", str(checkpoint), "--steps", "3", "--device", "cpu"]
+    run(build_parser().parse_args([*common, "--init-image", str(paths[0].parent), "--mask", str(mask), "--seeds",
+                                   "7,9", "--outdir", str(tmp_path / "folder")]))
     for seed, source in zip((7, 9), pixels, strict=True):
         assert np.array_equal(np.asarray(Image.open(image_path(tmp_path / "folder", seed)))[:4], source[:4])
     # Image-to-image with a strength below one of 3 steps runs nothing and gives the image back.
-    sample(checkpoint, tmp_path / "weak", "--init-image", str(paths[1]), "--strength", "0.2", "--seeds", "0")
+    run(build_parser().parse_args([*common, "--init-image", str(paths[1]), "--strength", "0.2", "--seeds", "0",
+                                   "--outdir", str(tmp_path / "weak")]))
     assert np.array_equal(np.asarray(Image.open(image_path(tmp_path / "weak", 0))), pixels[1])
 
 

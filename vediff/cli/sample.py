@@ -83,43 +83,47 @@ def add_editing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "editing", "edit images through the sampler (vediff.sampling.editing): inpainting with --mask, image-to-image "
                    "without")
-    group.add_argument("--init-image", metavar="PATH",
+    # Unset flags stay out of the namespace (read with getattr), so --help shows no "default: None" for them.
+    group.add_argument("--init-image", metavar="PATH", default=argparse.SUPPRESS,
                        help="the image to edit, at the model's size and channels: one file for every seed, or a "
                             "folder with one image per seed (matched in name order)")
-    group.add_argument("--mask", metavar="PATH",
+    group.add_argument("--mask", metavar="PATH", default=argparse.SUPPRESS,
                        help="inpainting mask(s), file or folder like --init-image: white regenerates, black keeps")
-    group.add_argument("--strength", type=float, metavar="X",
+    group.add_argument("--strength", type=float, metavar="X", default=argparse.SUPPRESS,
                        help="fraction of the schedule that runs from the noised image, in (0, 1] (default: 0.8 for "
                             "image-to-image, 1 for inpainting)")
-    group.add_argument("--resample-steps", type=int, metavar="N",
+    group.add_argument("--resample-steps", type=int, metavar="N", default=argparse.SUPPRESS,
                        help="inpainting: RePaint's extra takes of each step, to harmonise the seam (default 0; each "
                             "one adds the sampler's cost again)")
 
 
 def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
     """The editing keyword arguments of the pipeline, per seed in order, checked and read before anything runs."""
-    given = {flag: value for flag, value in (("--mask", args.mask), ("--strength", args.strength),
-                                             ("--resample-steps", args.resample_steps)) if value is not None}
-    if args.init_image is None:
+    init_image, mask = getattr(args, "init_image", None), getattr(args, "mask", None)
+    strength, resample_steps = getattr(args, "strength", None), getattr(args, "resample_steps", None)
+    given = {flag: value for flag, value in (("--mask", mask), ("--strength", strength),
+                                             ("--resample-steps", resample_steps)) if value is not None}
+    if init_image is None:
         if given:
             raise ConfigError(f"{', '.join(given)}: editing needs --init-image, the image(s) to edit")
         return {}
     if args.fid or args.export is not None:
         raise ConfigError(f"--init-image: editing writes edited images; it does not combine with "
                           f"{'--fid' if args.fid else '--export'}")
-    if args.strength is not None and not 0 < args.strength <= 1:  # NaN fails too
-        raise ConfigError(f"--strength: {args.strength} must lie in (0, 1]; 1 runs the whole schedule")
-    if args.resample_steps is not None and (args.resample_steps < 0 or args.mask is None):
-        raise ConfigError(f"--resample-steps: {args.resample_steps} needs --mask (it is for inpainting) and must be 0 "
-                          "or more")
+    if strength is not None and not 0 < strength <= 1:  # NaN fails too
+        raise ConfigError(f"--strength: {strength} must lie in (0, 1]; 1 runs the whole schedule")
+    if resample_steps is not None and mask is None:
+        raise ConfigError(f"--resample-steps: {resample_steps} needs --mask; resampling is for inpainting")
+    if resample_steps is not None and resample_steps < 0:
+        raise ConfigError(f"--resample-steps: {resample_steps} must be 0 or more")
     channels, size = denoiser.in_channels, denoiser.sample_size
-    extra = {"image": read_image_files(args.init_image, "--init-image", num_seeds, channels, size)}
-    if args.mask is not None:
-        extra["mask_image"] = read_image_files(args.mask, "--mask", num_seeds, channels, size, mask=True)
-    if args.strength is not None:
-        extra["strength"] = args.strength
-    if args.resample_steps:
-        extra["resample_steps"] = args.resample_steps
+    extra = {"image": read_image_files(init_image, "--init-image", num_seeds, channels, size)}
+    if mask is not None:
+        extra["mask_image"] = read_image_files(mask, "--mask", num_seeds, channels, size, mask=True)
+    if strength is not None:
+        extra["strength"] = strength
+    if resample_steps:
+        extra["resample_steps"] = resample_steps
     return extra
 
 
