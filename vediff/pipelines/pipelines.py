@@ -39,7 +39,7 @@ from vediff.sampling.editing import first_step, impute, resample, shifted
 from vediff.sampling.registry import SAMPLERS
 from vediff.sampling.schedules import append_zero, given_sigmas
 from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
-from vediff.utils import ConfigError, check_count, check_number, package_version, write_json
+from vediff.utils import ConfigError, check_number, package_version, write_json
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")  # "numpy" as diffusers' pipelines take it
 EDITING_ARGUMENTS = ("image", "mask_image", "strength", "resample_steps")
@@ -265,9 +265,6 @@ class ImagePipeline:
     def _editing_inputs(self, extra: dict[str, Any], batch_size: int, data_range: tuple[float, float],
                         dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The editing image in the model's data frame and the keep mask (1 keep, 0 regenerate), or None."""
-        if "strength" in extra:
-            check_number("strength", extra["strength"], above=0)
-        check_count("resample_steps", extra.get("resample_steps", 0), 0)
         if extra.get("image") is None:
             return None, None
         channels, size = self.unet.in_channels, self.unet.sample_size

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vediff.models.preconditioning import Denoiser
-from vediff.sampling.solvers import Callback, Noise, _sigma_list, _steps
+from vediff.sampling.solvers import Callback, Noise, _levels
 from vediff.utils import check_count, check_number
 
 # Runs steps [start, stop) of a planned schedule from state x: (x, start, stop) -> x.
@@ -53,13 +53,12 @@ def resample(run: StepRunner, x: torch.Tensor, sigmas: torch.Tensor | Sequence[f
     """Steps `start`…N − 1 of `sigmas` (N + 1 levels, VE frame) one at a time through `run`, each step but the last
     taken 1 + `resample_steps` times: between takes, x at σ_{i+1} goes back to σ_i by x + √(σ_i² − σ_{i+1}²)·z."""
     check_count("resample_steps", resample_steps, 0)
-    levels = _sigma_list(sigmas)
-    last = len(levels) - 2
-    for offset in _steps(len(levels) - 1 - start, progress):
+    last = len(sigmas) - 2
+    for offset, sigma, sigma_next in _levels(sigmas[start:], progress):
         i = start + offset
         x = run(x, i, i + 1)
         for _ in range(resample_steps if i < last else 0):
-            x = x + noise(x) * math.sqrt(levels[i] ** 2 - levels[i + 1] ** 2)
+            x = x + noise(x) * math.sqrt(sigma**2 - sigma_next**2)
             x = run(x, i, i + 1)
     return x
 
