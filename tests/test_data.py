@@ -47,7 +47,8 @@ def test_split_is_fixed_by_the_seed():
 
 
 def write_fake_cifar10(root: Path, per_batch: int, monkeypatch) -> np.ndarray:
-    """CIFAR-10's python format: pickled dicts with `data` (N, 3072) uint8 rows in CHW order, and `labels`."""
+    """CIFAR-10's python format: pickled dicts with `data` (N, 3072) uint8 rows in CHW order, and `labels`. Returns
+    the training images (N, 3, 32, 32); the test batch's follow the same random stream."""
     from torchvision.datasets import CIFAR10
 
     folder = root / "cifar-10-batches-py"
@@ -80,6 +81,22 @@ def test_cifar10_from_a_folder_in_the_real_on_disk_format(tmp_path, monkeypatch)
     assert (len(module.train_set), len(module.val_set)) == (15, 5)
     expected = torch.from_numpy(pixels).float() / 127.5 - 1
     torch.testing.assert_close(all_images(module), expected)
+
+
+def test_cifar10_tests_on_its_official_test_split(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, per_batch=4, monkeypatch=monkeypatch)
+    rows = [pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"]]
+    module = ImageDataModule(dataset="cifar10", root=str(tmp_path), image_size=32, val_size=5, batch_size=3,
+                             num_classes=10)
+    module.setup("test")
+    batches = list(module.test_dataloader())
+    tested = torch.cat([batch["images"] for batch in batches])
+    expected = torch.from_numpy(np.concatenate(rows).reshape(-1, 3, 32, 32)).float() / 127.5 - 1
+    torch.testing.assert_close(tested, expected)  # the test batch, in order, not the held-out training images
+    assert torch.cat([batch["labels"] for batch in batches]).tolist() == [0] * 4
+    digits = ImageDataModule(dataset="digits", image_size=8, val_size=50)
+    digits.setup("test")
+    assert len(digits.test_dataloader().dataset) == 50  # other data: the held-out split
 
 
 def test_cifar10_corrupted_file_is_a_clear_error(tmp_path, monkeypatch):

@@ -382,11 +382,11 @@ class ImageDataModule(L.LightningDataModule):
                               f"[0, {self.num_classes}); check data.num_classes and the column")
         return list(labels)
 
-    def _cifar10(self, download: bool):
+    def _cifar10(self, download: bool, train: bool = True):
         from torchvision.datasets import CIFAR10
 
         try:
-            return CIFAR10(str(self.root), train=True, download=download)
+            return CIFAR10(str(self.root), train=train, download=download)
         except (urllib.error.URLError, OSError) as error:
             raise ConfigError(
                 f"data: CIFAR-10 download into '{self.root}' failed ({getattr(error, 'reason', error)}); put "
@@ -443,8 +443,13 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out split (`val_size` images, never trained on): `train.py test` reports its bits/dim."""
-        return self._loader(self.val_set, train=False)
+        """What `train.py test` evaluates: CIFAR-10's official 10 000 test images (the split of the published
+        bits/dim), or for other data the held-out `val_size` images, never trained on."""
+        if self.dataset_name != "cifar10":
+            return self._loader(self.val_set, train=False)
+        cifar = self._cifar10(download=False, train=False)
+        images = ArrayImages(cifar.data, ToModelImage(self.image_size, self.channels))
+        return self._loader(Examples(images, cifar.targets if self.num_classes else None), train=False)
 
     def state_dict(self) -> dict[str, int]:
         # Saved in every checkpoint by Lightning: where in its epoch a resumed run picks the data up again.

@@ -174,8 +174,9 @@ class VEDiffusion(L.LightningModule):
             self.log(f"val_by_sigma/sigma_{sigma:.3g}", loss, sync_dist=True, batch_size=batch_size)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        # Bits/dim of the held-out images through the probability-flow ODE (Song et al. 2021): their 8-bit values,
-        # uniformly dequantised with noise seeded per batch, Hutchinson's estimator with one Rademacher probe.
+        # Bits/dim of the test images (CIFAR-10's test split, else the held-out ones) through the probability-flow ODE
+        # (Song et al. 2021): their 8-bit values, uniformly dequantised with noise seeded per batch, Hutchinson's
+        # estimator with one Rademacher probe.
         images, class_labels, _ = self.unpack(batch)
         low, high = self.denoiser.data_range
         generator = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
