@@ -305,9 +305,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--device/--devices: {error}") from None
     outdir.mkdir(parents=True, exist_ok=True)
     fabric.launch()
-    what = "Editing images with" if editing else "Sampling"
-    fabric.print(f"{what} {ckpt} with {config.sampler}, {config.nfe} network evaluations per image"
-                 f"{' before editing' if editing else ''}")
+    # Editing runs part of the schedule (strength) or steps again (resampling): the registry's count does not apply.
+    cost = "" if editing else f", {config.nfe} network evaluations per image"
+    fabric.print(f"{'Editing images with' if editing else 'Sampling'} {ckpt} with {config.sampler}{cost}")
     start = time.perf_counter()
     denoiser = denoiser.to(fabric.device)
     if args.channels_last:
@@ -344,8 +344,8 @@ def run(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         if quality:
             report_quality(quality, stacked, config, ckpt, outdir, seconds, fabric.device, label_source)
-        print(f"Wrote {len(seeds)} images to {outdir}/ ({config.sampler}, {config.nfe} network evaluations per "
-              f"image, {seconds:.1f} s)")
+        print(f"Wrote {len(seeds)} {'edited ' if editing else ''}images to {outdir}/ ({config.sampler}{cost}, "
+              f"{seconds:.1f} s)")
 
 
 def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outdir: Path, seconds: float,
