@@ -251,7 +251,7 @@ class ImagePipeline:
         def run(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
             options = {"noise": noise, "callback": shifted(callback, first),
                        "progress": self._progress() if not resample_steps else False}
-            return self._run(denoiser, x, first, stop, options, **settings)
+            return self._run(denoiser, x, sigmas, first, stop, options, **settings)
 
         if resample_steps:
             x = resample(run, x, sigmas, start, resample_steps, noise, self._progress())
@@ -279,9 +279,10 @@ class ImagePipeline:
         """Set the scheduler for `steps` steps; returns the N + 1 noise levels the steps walk (VE frame)."""
         raise NotImplementedError
 
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
-             **settings: Any) -> torch.Tensor:
-        """Steps [start, stop) of the planned schedule from `x` (VE frame); `solver_options` go to the solver."""
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
+             solver_options: dict[str, Any], **settings: Any) -> torch.Tensor:
+        """Steps [start, stop) of the planned levels `sigmas` (`_plan`'s) from `x` (VE frame); `solver_options` go to
+        the solver. Called once per step when resampling, so nothing here should rebuild the schedule."""
         raise NotImplementedError
 
     def _prior_scale(self, sigma: float) -> float:
@@ -329,9 +330,9 @@ class KarrasVePipeline(ImagePipeline):
         self.scheduler.set_timesteps(steps)
         return self.scheduler.sigmas
 
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int,
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
              solver_options: dict[str, Any]) -> torch.Tensor:
-        sigmas, config = self.scheduler.sigmas, self.scheduler.config
+        config = self.scheduler.config
         s_churn = churn_over_part(config["s_churn"], stop - start, len(sigmas) - 1)
         return sample_karras_ve(denoiser, x, sigmas[start : stop + 1], s_churn=s_churn, s_min=config["s_min"],
                                 s_max=config["s_max"], s_noise=config["s_noise"], **solver_options)
@@ -371,15 +372,15 @@ class ScoreSdeVePipeline(ImagePipeline):
     def _prior_scale(self, sigma: float) -> float:
         return self.scheduler.init_noise_sigma
 
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int,
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
              solver_options: dict[str, Any]) -> torch.Tensor:
         scheduler, config = self.scheduler, self.scheduler.config
-        sigmas, sigmas_below = scheduler.predictor_sigmas()
-        return sample_score_sde_ve(denoiser, x, append_zero(sigmas)[start : stop + 1], snr=config["snr"],
+        sigmas_below = scheduler.predictor_sigmas()[1]
+        return sample_score_sde_ve(denoiser, x, sigmas[start : stop + 1], snr=config["snr"],
                                    correct_steps=config["correct_steps"], model_sigmas=scheduler.sigmas[start:stop],
                                    sigmas_below=sigmas_below[start:stop],
                                    step_size_per_sample=config["step_size_per_sample"],
-                                   return_mean=stop == len(sigmas), **solver_options)
+                                   return_mean=stop == len(sigmas) - 1, **solver_options)
 
 
 # DDIM (Song, Meng, Ermon 2021), run in the VE frame of a σ-denoiser.
@@ -437,12 +438,12 @@ class DDIMPipeline(ImagePipeline):
     def _finish(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         return x / math.sqrt(1 + sigmas[-1].item() ** 2)
 
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
-             eta: float, use_clipped_model_output: bool) -> torch.Tensor:
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
+             solver_options: dict[str, Any], eta: float, use_clipped_model_output: bool) -> torch.Tensor:
         config = self.scheduler.config
         threshold = {"dynamic_thresholding_ratio": config["dynamic_thresholding_ratio"],
                      "sample_max_value": config["sample_max_value"]} if config["thresholding"] else {}
-        return sample_ddim(denoiser, x, self.scheduler.sigmas()[start : stop + 1], eta=eta,
+        return sample_ddim(denoiser, x, sigmas[start : stop + 1], eta=eta,
                            clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
                            use_clipped_model_output=use_clipped_model_output, **threshold, **solver_options)
 
@@ -512,9 +513,9 @@ class SolverPipeline(ImagePipeline):
         self.scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas)
         return self.scheduler.sigmas
 
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, start: int, stop: int, solver_options: dict[str, Any],
-             sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        levels, settings = self.scheduler.sigmas, dict(self.settings)
+    def _run(self, denoiser: Denoiser, x: torch.Tensor, levels: torch.Tensor, start: int, stop: int,
+             solver_options: dict[str, Any], sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+        settings = dict(self.settings)
         if "s_churn" in settings:
             settings["s_churn"] = churn_over_part(settings["s_churn"], stop - start, len(levels) - 1)
         solve = SAMPLERS[self.sampler_name].solve
