@@ -14,7 +14,9 @@ samples.npz (--npz: uint8 images as arr_0, with their seeds). Sampler settings d
 nothing in them is executed.
 
 Every argument is checked before anything is written: a mistake is one line on stderr and exit status 2, with no
-output folder left behind. Ctrl+C stops with exit status 130; the image files already written are whole.
+output folder left behind. An --outdir holding an earlier run is refused unless --overwrite (which replaces that run's
+files). A run that fails while sampling or writing (images that come out NaN, a full disk) removes what it wrote.
+Ctrl+C stops with exit status 130; the image files already written are whole.
 """
 
 from vediff.cli.sample import main

@@ -25,6 +25,10 @@ epoch restored). SIGTERM and Ctrl+C save last.ckpt before exiting; checkpoints a
 
     python train.py fit --config digits.yaml --ckpt_path last
 
+Evaluate the newest run's checkpoint: held-out bits/dim through the probability-flow ODE (and FID where configured):
+
+    python train.py test --config digits.yaml --ckpt_path last
+
 Several processes (Lightning DDP; torchrun and SLURM work too, see the README):
 
     python train.py fit --config cifar10.yaml --trainer.devices 8

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import resource
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,27 @@ class MixtureDenoiser:
         log_normal = -torch.cdist(flat, self.means) ** 2 / (2 * variance)
         log_normal = log_normal - 0.5 * dims * math.log(2 * math.pi * variance)
         return torch.logsumexp(log_normal, dim=1) - math.log(len(self.means))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_hostile_pngs(folder: Path, size: int = 8, mode: str = "L") -> dict[str, Path]:
+    """Two PNGs Pillow refuses to decode, written in a few kilobytes: a decompression bomb (its header claims
+    20 000 × 20 000 pixels) and a `size`-pixel image with a compressed text chunk that inflates to 20 MB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    signature = b"\x89PNG\r\n\x1a\n"
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)
+    bomb = folder / "bomb.png"
+    bomb.write_bytes(signature + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + png_chunk(b"IEND", b""))
+    buffer = io.BytesIO()
+    from PIL import Image
+
+    Image.new(mode, (size, size)).save(buffer, format="PNG")
+    plain = buffer.getvalue()
+    text = png_chunk(b"zTXt", b"junk\0\0" + zlib.compress(b"A" * 20_000_000))
+    text_bomb = folder / "text_bomb.png"
+    text_bomb.write_bytes(plain[:33] + text + plain[33:])  # after the signature and IHDR
+    return {"bomb": bomb, "text_bomb": text_bomb}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_hostile_pngs
 from PIL import Image
 
 from vediff import ConfigError, ImageDataModule
@@ -316,6 +317,32 @@ def test_truncated_jpeg_is_reported_before_training(tmp_path):
         image.verify()  # the header check alone lets it through
     module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
     with pytest.raises(ConfigError, match=r"cut\.jpg.*truncated"):
+        module.prepare_data()
+
+
+@pytest.mark.parametrize("hostile, reason", [("bomb", "exceeds limit"), ("text_bomb", "Decompressed data too large")])
+def test_images_pillow_refuses_to_decode_are_named_before_training(tmp_path, hostile, reason):
+    # A decompression bomb (a header claiming 400 M pixels) and a PNG whose text chunk inflates to 20 MB: Pillow's
+    # refusals are a DecompressionBombError and a ValueError, not the OSError of a damaged file.
+    write_pngs(tmp_path, count=2)
+    path = write_hostile_pngs(tmp_path / "odd")[hostile]
+    for other in set((tmp_path / "odd").iterdir()) - {path}:
+        other.unlink()
+    module = ImageDataModule(dataset="folder", root=str(tmp_path), val_size=1)
+    with pytest.raises(ConfigError, match=rf"data\.root: cannot read image '{path}' \(.*{reason}"):
+        module.prepare_data()
+
+
+def test_a_truncated_image_in_a_hugging_face_dataset_is_named_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_pngs(tmp_path / "images" / "train", count=20)
+    damaged = tmp_path / "images" / "train" / "img_13.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:120])  # its header survives, its pixels do not
+    module = ImageDataModule(dataset="huggingface", hf_name="imagefolder", hf_data_dir=str(tmp_path / "images"),
+                             image_column="image", hf_cache_dir=str(tmp_path / "cache"), image_size=8, val_size=2,
+                             batch_size=4)
+    with pytest.raises(ConfigError, match=r"data\.image_column: row 13 of column 'image' cannot be read as an image"):
         module.prepare_data()
 
 

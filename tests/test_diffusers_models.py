@@ -210,3 +210,97 @@ def test_sample_py_samples_a_diffusers_model_and_exports_it_with_library_entries
     assert refused.returncode == 2 and not (tmp_path / "never").exists()
     assert refused.stderr.strip().count("\n") == 0 and "'someone/not-cached'" in refused.stderr
     assert "HF_HUB_OFFLINE" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_latent_and_other_pipelines_are_refused_by_what_their_model_index_names(folders, tmp_path):
+    # A real latent pipeline: its UNet2DModel denoises the latents of a VQ autoencoder, which are not images.
+    vqvae = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,),
+                              norm_num_groups=4, num_vq_embeddings=16, layers_per_block=1)
+    diffusers.LDMPipeline(vqvae=vqvae, unet=tiny_unet(), scheduler=diffusers.DDIMScheduler()).save_pretrained(
+        tmp_path / "ldm")
+    with pytest.raises(ConfigError, match=r"LDMPipeline has vqvae \(VQModel\) beside its network, which then denoises "
+                                          r"latents"):
+        load_denoiser(tmp_path / "ldm")
+    # Stable Diffusion's layout (an autoencoder and a text encoder beside the network).
+    shutil.copytree(folders / "epsilon", tmp_path / "sd")
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionPipeline", vae=["diffusers", "AutoencoderKL"],
+                 text_encoder=["transformers", "CLIPTextModel"], safety_checker=[None, None])
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"StableDiffusionPipeline has vae \(AutoencoderKL\), text_encoder "
+                                          r"\(CLIPTextModel\) beside"):
+        load_denoiser(tmp_path / "sd")
+    # A consistency model's UNet2DModel is pixel-space, but its scheduler describes EDM's σ, not a β schedule.
+    consistency = diffusers.ConsistencyModelPipeline(unet=tiny_unet(),
+                                                     scheduler=diffusers.CMStochasticIterativeScheduler())
+    consistency.save_pretrained(tmp_path / "cm")
+    with pytest.raises(ConfigError, match="a ConsistencyModelPipeline is not a pipeline vediff samples"):
+        load_denoiser(tmp_path / "cm")
+    (tmp_path / "cm" / "model_index.json").unlink()  # without the index, its scheduler is refused instead
+    with pytest.raises(ConfigError, match=r"scheduler_config.json': a CMStochasticIterativeScheduler is not one vediff "
+                                          r"reads a noise schedule from"):
+        load_denoiser(tmp_path / "cm")
+
+
+SCHEDULER_CONFIG_ERRORS = [  # (folder, the key's new value, what the one line must say about it)
+    ("epsilon", dict(beta_start="0.0001"), "beta_start: '0.0001' is not a number"),
+    ("epsilon", dict(beta_end=-0.02), "beta_end: -0.02 must be above 0"),
+    ("epsilon", dict(beta_end=1.5), "beta_end: 1.5 must be 0.999 or less (β is the share of variance"),
+    ("epsilon", dict(num_train_timesteps=-5), "num_train_timesteps: -5 must be a whole number, 2 or more"),
+    ("epsilon", dict(num_train_timesteps="1000"), "num_train_timesteps: '1000' must be a whole number"),
+    ("epsilon", dict(num_train_timesteps=10**12), "num_train_timesteps: 1000000000000 must be 100000 or less"),
+    ("epsilon", dict(trained_betas="0.1"), "trained_betas: expected a list of 1000 numbers, got str"),
+    ("epsilon", dict(trained_betas=[0.1, 0.2]), "trained_betas: 2 values for num_train_timesteps 1000"),
+    ("epsilon", dict(trained_betas=[0.1, -1], num_train_timesteps=2), "trained_betas: -1 must be above 0"),
+    ("epsilon", dict(prediction_type="noise"), "prediction_type: 'noise' is not one of epsilon, v_prediction"),
+    ("epsilon", dict(beta_schedule="cosine"), "beta_schedule: 'cosine' is not one of linear"),
+    ("sde", dict(sigma_min=-1), "sigma_min: -1 must be 1e-05 or more"),
+    ("sde", dict(sigma_min="small"), "sigma_min: 'small' is not a number"),
+    ("sde", dict(sigma_max=math.nan), "sigma_max: nan is not a number"),
+    ("sde", dict(sigma_max=1e300), "sigma_max: 1e+300 must be 100000 or less"),
+]
+
+
+@pytest.mark.parametrize("name, change, message", SCHEDULER_CONFIG_ERRORS,
+                         ids=[f"{name}-{next(iter(change))}-{i}" for i, (name, change, _) in
+                              enumerate(SCHEDULER_CONFIG_ERRORS)])
+def test_a_bad_scheduler_config_value_names_the_file_and_the_key(folders, tmp_path, name, change, message):
+    shutil.copytree(folders / name, tmp_path / name)
+    path = tmp_path / name / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))  # json writes NaN as NaN, as Python reads
+    with pytest.raises(ConfigError) as error:
+        load_denoiser(tmp_path / name)
+    assert str(error.value).startswith(f"--ckpt: '{path}': ") and message in str(error.value), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_nan_weights_and_guidance_without_a_null_label_are_refused_before_sampling(tmp_path, monkeypatch, capsys):
+    from vediff.cli.sample import main
+
+    unet = tiny_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(math.nan)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "nan")
+    with pytest.raises(ConfigError, match=r"weight 'unet.conv_out.bias' is NaN or infinite, so every sample would be"):
+        load_denoiser(tmp_path / "nan")
+    # diffusers' class embeddings have no "no label" row, so classifier-free guidance has nothing to guide with.
+    conditional = tiny_unet(num_class_embeds=10)
+    diffusers.DDPMPipeline(unet=conditional, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "cond")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["sample.py", "--ckpt", "cond", "--class-labels", "3", "--guidance", "2",
+                                     "--outdir", "out", "--device", "cpu"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.count("\n") == 1, error
+    assert error.startswith("sample.py: error: --guidance: 2.0 needs the model's unconditional estimate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_scheduler_values_the_pipeline_reads_are_named_with_their_file(folders, tmp_path):
+    shutil.copytree(folders / "epsilon", tmp_path / "epsilon")
+    path = tmp_path / "epsilon" / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "steps_offset": "two"}))
+    with pytest.raises(ConfigError, match=rf"^scheduler config '{path}': DDIMScheduler: steps_offset: 'two' must be a "
+                                          "whole number, 0 or more$"):
+        DDIMPipeline.from_pretrained(tmp_path / "epsilon")

@@ -157,6 +157,21 @@ def test_bad_class_labels_and_guidance_are_clear_errors(kwargs, message):
         pipe(batch_size=2, num_inference_steps=2, **kwargs)
 
 
+def test_guidance_needs_a_model_that_learnt_the_null_label():
+    # Without label dropout the zero row is an input the network never saw: its "unconditional" estimate, and every
+    # guided image, would be made up.
+    torch.manual_seed(0)
+    denoiser = EDMPrecond(tiny_unet(randomized=True, label_dim=3)).eval()
+    assert not denoiser.has_null_label
+    pipe = KarrasVePipeline(denoiser, KarrasVeScheduler(0.002, 80, s_churn=0, sigma_schedule="karras"))
+    pipe.set_progress_bar_config(disable=True)
+    for scale in (0.0, 2.0):
+        with pytest.raises(ValueError, match=f"guidance_scale: {scale} needs the model's unconditional estimate"):
+            pipe(batch_size=2, num_inference_steps=2, class_labels=[0, 1], guidance_scale=scale)
+    images = pipe(batch_size=2, num_inference_steps=2, class_labels=[0, 1], output_type="pt").images  # w = 1
+    assert images.shape == (2, 1, 8, 8)
+
+
 def test_class_labels_for_an_unconditional_model_are_refused():
     from test_samplers import GaussianDenoiser
 
@@ -212,8 +227,8 @@ def test_label_dropout_rate_is_measured_in_training_only():
 
 def test_a_conditional_unet_trains_and_samples_through_the_pipelines():
     torch.manual_seed(0)
-    denoiser = EDMPrecond(tiny_unet(randomized=True, label_dim=3))
-    assert denoiser.num_classes == 3
+    denoiser = EDMPrecond(tiny_unet(randomized=True, label_dim=3, label_dropout=0.1))
+    assert denoiser.num_classes == 3 and denoiser.has_null_label
     images, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3)
     loss = EDMLoss()(denoiser, images, class_labels=labels.float()).mean()
     loss.backward()

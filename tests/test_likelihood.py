@@ -83,3 +83,25 @@ def test_bad_settings_are_named(kwargs, message):
         log_likelihood(gaussian(), images(gaussian(), n=1), **kwargs)
     with pytest.raises(ValueError, match="x: the images hold NaN"):
         log_likelihood(gaussian(), torch.full((1, 1, 2, 2), math.nan))
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.zeros(4, 2, 2), r"x: expected a batch of images \(B, C, H, W\) with B ≥ 1, got \(4, 2, 2\)"),
+    (torch.zeros(0, 1, 2, 2), r"got \(0, 1, 2, 2\)"),
+    ([[0.0]], "got list"),
+    (torch.zeros(1, 1, 4, 4), r"the model takes images of shape \(1, 2, 2\), got \(1, 4, 4\)"),
+    (torch.zeros(1, 3, 2, 2), r"the model takes images of shape \(1, 2, 2\), got \(3, 2, 2\)"),
+    (torch.full((1, 1, 2, 2), 1e30), r"x: values span \[1e\+30, 1e\+30\], far outside the model.s data range"),
+])
+def test_inputs_are_checked_like_the_pipelines_check_theirs(x, message):
+    with pytest.raises(ValueError, match=message):
+        log_likelihood(gaussian(), x)
+
+
+def test_a_denoiser_that_overflows_gives_an_error_not_a_number():
+    class Overflowing(MixtureDenoiser):
+        def __call__(self, x, sigma, class_labels=None):
+            return x * math.inf
+
+    with pytest.raises(ValueError, match="the probability-flow ODE gave a NaN or infinite log-density"):
+        log_likelihood(Overflowing(), images(gaussian(), n=2), method="euler")

@@ -242,3 +242,23 @@ def test_a_registered_sampler_is_reachable_from_the_cli_yaml_and_pipelines(midpo
     loaded = ImagePipeline.from_pretrained(saved)
     assert (type(loaded), loaded.sampler_name, loaded.scheduler.config["rho"]) == (SolverPipeline, "midpoint", 5.0)
     assert torch.equal(config.generate(loaded, [0]), config.generate(config.pipeline(denoiser), [0]))
+
+
+class DivergingDenoiser(GaussianDenoiser):
+    """Finite until σ drops below 1, then an estimate that overflows float32: what diverged weights give."""
+
+    def __call__(self, x, sigma, class_labels=None):
+        denoised = super().__call__(x, sigma)
+        return denoised * 1e39 if float(torch.as_tensor(sigma).max()) < 1 else denoised
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_refuses_to_return_non_finite_images(name):
+    from vediff import NonFiniteSamplesError
+
+    config = SamplerConfig(sampler=name, steps=4)
+    pipeline = config.pipeline(GaussianDenoiser())
+    assert torch.isfinite(config.generate(pipeline, [0, 1])).all()  # the same run over a sound model is fine
+    pipeline = config.pipeline(DivergingDenoiser())
+    with pytest.raises(NonFiniteSamplesError, match="NaN or infinite values in 2 of 2 images, so none are returned"):
+        config.generate(pipeline, [0, 1])

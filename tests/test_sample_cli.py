@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -13,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_DIGITS, Trap, run_script, tree
+from conftest import REPO, TINY_DIGITS, Trap, run_script, tree, write_hostile_pngs
 from PIL import Image
 
 from vediff import ConfigError
@@ -118,8 +119,23 @@ def bad_inputs(tmp_path, checkpoint):
         config = json.loads((folder / UNET_CONFIG).read_text())
         (folder / UNET_CONFIG).write_text(json.dumps(edit(config)))
         folders[name] = folder
+    # Weights a diverged run could leave: one NaN (refused on loading), or finite ones that overflow while sampling.
+    doctored = {}
+    for name, weight, value in (("nan", "output_conv.bias", math.nan), ("huge", "output_conv.weight", 1e30)):
+        saved = torch.load(checkpoint, weights_only=True)
+        saved["state_dict"][f"denoiser.net.{weight}"].fill_(value)
+        torch.save(saved, tmp_path / f"{name}.ckpt")
+        doctored[name] = tmp_path / f"{name}.ckpt"
+    nan_pipe = KarrasVePipeline.from_pretrained(checkpoint)
+    with torch.no_grad():
+        nan_pipe.unet.net.output_conv.bias.fill_(math.nan)
+    folders["nan_folder"] = nan_pipe.save_pretrained(tmp_path / "nan_folder")
+    (tmp_path / "earlier").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "earlier" / "000002.png")  # an earlier run's image
+    hostile = write_hostile_pngs(tmp_path / "hostile")
     return {"missing": tmp_path / "missing.ckpt", "truncated": truncated, "foreign": foreign, "crafted": crafted,
-            "blocker": tmp_path / "a_file", "good": checkpoint, **folders}
+            "blocker": tmp_path / "a_file", "good": checkpoint, "earlier": tmp_path / "earlier", **folders,
+            **doctored, **hostile}
 
 
 BAD = {  # case: (arguments, what the one line must name)
@@ -152,13 +168,43 @@ BAD.update({
     "guidance without labels": (["--ckpt", "{good}", "--guidance", "2"], "--guidance: 2.0 needs --class-labels"),
     "NaN guidance": (["--ckpt", "{good}", "--guidance", "nan"], "guidance_scale: nan is not a number"),
 })
+BAD.update({  # finite but absurd settings: each bound says why it is there
+    "sigma_min 1e-300": (["--ckpt", "{good}", "--sigma-min", "1e-300"], "sigma_min: 1e-300 must be 1e-05 or more ("),
+    "sigma_max 1e300": (["--ckpt", "{good}", "--sigma-max", "1e300"], "sigma_max: 1e+300 must be 100000 or less ("),
+    "rho 1e-300": (["--ckpt", "{good}", "--rho", "1e-300"], "rho: 1e-300 cannot space 18 levels"),
+    "rho 1e300": (["--ckpt", "{good}", "--rho", "1e300"], "rho: 1e+300 cannot space 18 levels"),
+    "a trillion steps": (["--ckpt", "{good}", "--steps", "1000000000000"], "exceed the 10000 that karras_ve allows"),
+    "huge s_noise": (["--ckpt", "{good}", "--s-churn", "40", "--s-noise", "1e30"], "s_noise: 1e+30 must be 2 or less"),
+    "huge snr": (["--ckpt", "{good}", "--sampler", "score_sde_ve", "--snr", "1e30"], "snr: 1e+30 must be 1 or less"),
+    "guidance 1e30": (["--ckpt", "{good}", "--guidance", "1e30"], "guidance_scale: 1e+30 must be 100 or less"),
+    "a grid too large to open": (["--ckpt", "{good}", "--grid", "--grid-min-size", "1000000"],
+                                 "--grid-min-size: the grid of 64 images would be 1000027×1000027 px"),
+    # What would otherwise be silently ignored, silently mixed or written black.
+    "export with editing flags": (["--ckpt", "{good}", "--export", "{blocker}_new", "--init-image", "{missing}",
+                                   "--strength", "7"], "--init-image: --export writes a pipeline folder and samples"),
+    "export with seeds and a grid": (["--ckpt", "{good}", "--export", "{blocker}_new", "--seeds", "0-3", "--grid"],
+                                     "leave out --seeds, --grid, or drop --export"),
+    "an outdir holding an earlier run": (["--ckpt", "{good}", "--outdir", "{earlier}"],
+                                         "already holds files (000002.png); choose a new folder, or add --overwrite"),
+    "NaN weight in a checkpoint": (["--ckpt", "{nan}"], "weight 'net.output_conv.bias' is NaN or infinite"),
+    "NaN weight in a pipeline folder": (["--ckpt", "{nan_folder}"], "weight 'net.output_conv.bias' is NaN or"),
+    "weights that overflow while sampling": (["--ckpt", "{huge}", "--batch-size", "16"],
+                                             "sampling gave NaN or infinite values in 16 of 16 images"),
+    "a decompression bomb to edit": (["--ckpt", "{good}", "--init-image", "{bomb}"],
+                                     "--init-image: cannot read '{bomb}' as an image (Image size (400000000 pixels)"),
+    "a PNG whose text chunk inflates to 20 MB": (["--ckpt", "{good}", "--init-image", "{text_bomb}"],
+                                                 "as an image (Decompressed data too large"),
+    "a decompression bomb as the mask": (["--ckpt", "{good}", "--init-image", "{text_bomb}", "--mask", "{bomb}"],
+                                         "as an image (Decompressed data too large"),
+})
 if not torch.cuda.is_available():
     BAD["cuda without a GPU"] = (["--ckpt", "{good}", "--device", "cuda"], "--device cuda: no CUDA GPU")
 
 
 def check_refused(status: int, stderr: str, expected: str) -> None:
     assert status == 2, stderr[-2000:]
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # A run refused while sampling has drawn its progress bar (tqdm's "img/s" lines) before the error line.
+    lines = [line for line in stderr.splitlines() if line.strip() and "img/s]" not in line]
     assert len(lines) == 1 and lines[0].startswith("sample.py: error: ") and expected in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
 
@@ -187,7 +233,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(bad_input_folder, case, 
     monkeypatch.setattr(sys, "argv", ["sample.py", *bad_args(case, paths, tmp_path)])
     with pytest.raises(SystemExit) as stopped:
         main()
-    check_refused(stopped.value.code, capsys.readouterr().err, BAD[case][1])
+    check_refused(stopped.value.code, capsys.readouterr().err, BAD[case][1].format(**paths))
     assert tree(tmp_path) == before  # no output folder, no file, no code run
     assert not (tmp_path / "pwned").exists()
 
@@ -199,6 +245,43 @@ def test_bad_input_from_a_real_process(bad_input_folder):
     result = run_script("sample.py", *bad_args(case, paths, tmp_path), cwd=tmp_path)
     check_refused(result.returncode, result.stderr, BAD[case][1])
     assert tree(tmp_path) == before and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 10, 64])
+@pytest.mark.parametrize("min_size", [0, 100, 512])
+@pytest.mark.parametrize("by_class", [False, True])
+def test_grid_size_is_the_size_of_the_grid_drawn(count, min_size, by_class):
+    # sample.py refuses an oversized grid before sampling from this computation, so it must be exact.
+    from vediff.sampling.grids import grid_size, image_grid
+
+    labels = [i % 3 for i in range(count)] if by_class else None
+    grid = image_grid(torch.rand(count, 1, 5, 5), min_size=min_size, class_labels=labels)
+    assert tuple(grid.shape[1:]) == grid_size(count, 5, min_size, labels)
+
+
+def test_overwrite_replaces_an_earlier_runs_files_and_keeps_the_rest(checkpoint, tmp_path):
+    outdir = tmp_path / "out"
+    sample_here(checkpoint, outdir, "--grid", "--npz")  # seeds 0-5
+    (outdir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds files"):
+        sample_here(checkpoint, outdir, "--seeds", "0-1")
+    sample_here(checkpoint, outdir, "--seeds", "0-1", "--npz", "--overwrite")
+    # Nothing of the first run is mixed into the second: its images 2-5 and its grid are gone, the npz is the new one.
+    assert sorted(p.name for p in outdir.iterdir()) == ["000000.png", "000001.png", "notes.txt", "samples.npz"]
+    assert np.load(outdir / "samples.npz")["seeds"].tolist() == [0, 1]
+    assert (outdir / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_exit_1_and_removes_the_runs_files(checkpoint, tmp_path):
+    # A file-size limit fails writes as a full disk does: the 64 small PNGs fit under it, samples.npz does not.
+    before = tree(tmp_path)
+    result = run_script("sample.py", "--ckpt", str(checkpoint), "--outdir", str(tmp_path / "out" / "deeper"),
+                        "--seeds", "0-63", "--steps", "2", "--npz", cwd=tmp_path, file_size_limit=2000)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--outdir: could not write '{tmp_path / 'out' / 'deeper' / 'samples.npz'}' (File too large)" in errors[0]
+    assert tree(tmp_path) == before  # the 64 images written before it, and the folders made for them, are gone
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_only_whole_images(checkpoint, tmp_path):
@@ -388,19 +471,48 @@ def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_chec
     assert len(recognition) == 1 + 2 + 4  # real digits, two unconditional samplers, two conditional at w = 1 and 2
 
 
-def test_train_py_test_reports_held_out_bits_per_dim_and_fid(checkpoint):
-    cwd = checkpoint.parents[4]
-    result = run_script("train.py", "test", *TINY_DIGITS, "--ckpt_path", str(checkpoint), cwd=cwd)
+def in_process_bits_per_dim(path) -> float:
+    """What Lightning's own test loop reports for the model in checkpoint `path`, built here from the file."""
+    import lightning as L
+
+    from vediff import VEDiffusion
+    from vediff.pipelines.loading import read_checkpoint
+    from vediff.training.data import ImageDataModule
+
+    module = VEDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(path)["datamodule_hyper_parameters"]
+    data = ImageDataModule(**{k: v for k, v in saved.items() if k in inspect.signature(ImageDataModule).parameters})
+    trainer = L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    return trainer.test(module, datamodule=data, verbose=False)[0]["test/bits_per_dim"]
+
+
+def test_train_py_test_ckpt_path_last_reports_the_newest_runs_bits_per_dim_and_fid(checkpoint, tmp_path):
+    # Two runs of the config. The barely trained checkpoint still has EDM's zero-initialised output layer (its D is
+    # about c_skip·x, as an untrained network's); the newer run's output layer is random: another model.
+    runs = tmp_path / "lightning_logs" / "digits"
+    trained, newer = (runs / f"version_{i}" / "checkpoints" / "last.ckpt" for i in (0, 1))
+    for path in (trained, newer):
+        path.parent.mkdir(parents=True)
+    trained.write_bytes(checkpoint.read_bytes())
+    saved = torch.load(checkpoint, weights_only=True)
+    output = saved["state_dict"]["denoiser.net.output_conv.weight"]
+    output.copy_(0.1 * torch.randn(output.shape, generator=torch.Generator().manual_seed(0)))
+    torch.save(saved, newer)
+    os.utime(trained, (1e9, 1e9))  # the older run
+
+    result = run_script("train.py", "test", *TINY_DIGITS, "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Evaluating {newer.relative_to(tmp_path)}" in result.stderr
     printed = re.search(r"test/bits_per_dim\s*│?\s*([0-9.]+)", result.stdout)
     assert printed, result.stdout[-2000:]
     bpd = float(printed.group(1))
-    # A barely trained model: worse than a good one (about 1–2) but a finite, positive number of bits.
-    assert 0 < bpd < 20
+    # The reported number is the newest checkpoint's model's, not a freshly initialised network's, nor the other run's.
+    expected = in_process_bits_per_dim(newer)
+    assert bpd == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - in_process_bits_per_dim(trained)) > 0.1
     from test_train_cli import scalars
 
-    runs = sorted((cwd / "lightning_logs" / "digits").glob("version_*"))
-    logged = scalars(runs[-1])
+    logged = scalars(sorted(runs.glob("version_*"))[-1])
     assert logged["test/bits_per_dim"][-1][1] == pytest.approx(bpd, rel=1e-3)
     # The configured sample_quality callback (8 images here) adds FID and KID against the training set.
     fid = re.search(r"test/fid/karras_ve\s*│?\s*([0-9.]+)", result.stdout)

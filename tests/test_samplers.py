@@ -304,7 +304,16 @@ def test_a_trained_module_denoiser_plugs_in(tiny_unet_kwargs):
 SAMPLER_CONFIG_ERRORS = [
     (dict(sigma_max=math.inf), "sigma_max: inf must be finite"),
     (dict(sigma_min=math.nan), "sigma_min: nan is not a number"),
-    (dict(sigma_min=0.0), "sigma_min: 0.0 must be above 0"),
+    (dict(sigma_min=0.0), "sigma_min: 0.0 must be 1e-05 or more (smaller noise levels change nothing"),
+    # Finite but absurd: each bound says why it is there.
+    (dict(sigma_min=1e-300), "sigma_min: 1e-300 must be 1e-05 or more"),
+    (dict(sigma_max=1e300), "sigma_max: 1e+300 must be 100000 or less (at larger ones float32 rounding"),
+    (dict(steps=10**12), "steps: 1000000000000 exceed the 10000 that karras_ve allows (no published sampler"),
+    (dict(s_noise=1e30), "s_noise: 1e+30 must be 2 or less (EDM uses 1.003–1.011"),
+    (dict(sampler="dpmpp_2m_sde", s_noise=3.0), "s_noise: 3.0 must be 2 or less"),
+    (dict(sampler="score_sde_ve", snr=1e30), "snr: 1e+30 must be 1 or less (a Langevin step adds noise"),
+    (dict(guidance_scale=1e30), "guidance_scale: 1e+30 must be 100 or less (published scales"),
+    (dict(guidance_scale=-1e30), "guidance_scale: -1e+30 must be -100 or more"),
     (dict(sampler="ddim", eta=math.nan), "eta: nan"),
     (dict(sampler="ddim", steps=2000), "exceed the 1000 that ddim allows"),
     (dict(rho=0.0), "rho: 0.0 must be above 0"),

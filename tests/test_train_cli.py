@@ -2,6 +2,7 @@
 
 import glob
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_DIGITS, run_script, tree
+from conftest import REPO, TINY_DIGITS, run_script, tree, write_hostile_pngs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -191,6 +192,19 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
     ([*DIGITS, "--trainer.devices", "0"], "trainer: "),
     ([*DIGITS, "--data.num_classes", "5"], "data.num_classes: digits has 10 classes"),
     ([*DIGITS, "--data.dataset", "folder", "--data.root", "flat", "--data.num_classes", "2"], "lies directly in"),
+    ([*DIGITS, "--data.dataset", "folder", "--data.root", "bomb"], "cannot read image 'bomb/bomb.png' (Image size"),
+    ([*DIGITS, "--data.dataset", "folder", "--data.root", "text"], "'text/text_bomb.png' (Decompressed data too"),
+    # Sampler blocks are checked against the model before training, not at the first validation.
+    ([*DIGITS, "--sample_grids.samplers", '[{"sampler": "karras_ve", "rho": 1e-300}]'],
+     "sample_grids.samplers.0: rho: 1e-300 cannot space"),
+    ([*DIGITS, "--sample_quality.sampler", '{"sampler": "dpmpp_2m", "sigma_max": 1e300}'],
+     "sample_quality.sampler: sigma_max: 1e+300 must be 100000 or less"),
+    ([*DIGITS, "--sample_grids.samplers", '[{"sampler": "ddim"}, {"sampler": "ddim", "eta": -1}]'],
+     "sample_grids.samplers.1: eta: -1.0 must be 0 or more"),
+    ([*DIGITS, "--sample_quality.sampler", '{"sampler": "karras_ve", "s_noise": 1e30}'],
+     "sample_quality.sampler: s_noise: 1e+30 must be 2 or less"),
+    (["--config", "digits_cond.yaml", "--model.net.init_args.label_dropout", "0"],
+     "sample_grids.samplers.1: guidance_scale: 2.0 needs the model's unconditional estimate"),
 ]
 if not torch.cuda.is_available():  # the README's own command on a machine without GPUs
     BAD_INPUT.append((["--config", "cifar10.yaml"], "--trainer.accelerator cpu"))
@@ -214,6 +228,10 @@ def bad_input_folder(tmp_path: Path) -> None:
     (tmp_path / "flat").mkdir()
     for i in range(2):
         Image.new("RGB", (8, 8), "white").save(tmp_path / "flat" / f"{i}.png")
+    for name, hostile in (("bomb", "bomb"), ("text", "text_bomb")):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), "white").save(tmp_path / name / "good.png")
+        write_hostile_pngs(tmp_path / "hostile")[hostile].rename(tmp_path / name / f"{hostile}.png")
     (tmp_path / "cut").mkdir()
     Image.new("RGB", (8, 8), "white").save(tmp_path / "cut" / "good.png")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -264,6 +282,54 @@ def test_resuming_a_checkpoint_of_another_architecture_is_one_clear_line(trained
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert "holds another architecture" in result.stderr and "input_conv.weight" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+EVALUATE_REFUSED = [  # validate and test evaluate a trained model: never a freshly initialised one
+    (["test", *DIGITS], "ckpt_path: train.py test evaluates a trained model and got no --ckpt_path; give --ckpt_path "
+                        "last"),
+    (["test", *DIGITS, "--ckpt_path", "best"], "got --ckpt_path best (it names a checkpoint of a fit only)"),
+    (["validate", *DIGITS, "--ckpt_path", "last"], "ckpt_path: last: no last.ckpt under lightning_logs/digits/; train "
+                                                   "first"),
+]
+
+
+@pytest.mark.parametrize("args, named", EVALUATE_REFUSED)
+def test_evaluating_without_a_trained_model_is_one_clear_line(args, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main(config_dirs=[REPO / "configs"])
+    check_one_clear_line(stopped.value.code, capsys.readouterr().err, named)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_testing_a_checkpoint_of_another_architecture_is_one_clear_line(trained, tmp_path, monkeypatch, capsys):
+    _, run_dir, *_ = trained
+    monkeypatch.chdir(tmp_path)
+    # An unconditional checkpoint under the class-conditional config: the labels' embedding has no weights there.
+    monkeypatch.setattr(sys, "argv", ["train.py", "test", "--config", "digits_cond.yaml", "--ckpt_path",
+                                      str(run_dir / "checkpoints" / "last.ckpt")])
+    with pytest.raises(SystemExit) as stopped:
+        main(config_dirs=[REPO / "configs"])
+    check_one_clear_line(stopped.value.code, capsys.readouterr().err, "holds another architecture (weights "
+                                                                      "['denoiser.net.map_label.bias'")
+    assert list(tmp_path.iterdir()) == []  # no run folder for a refused run
+
+
+def test_a_diverging_run_warns_about_its_samples_and_keeps_training(tmp_path):
+    # A learning rate of 1e20 takes the weights to ~1e20 at the first step: the network overflows, every later step
+    # is skipped, and the EMA model's samples come out non-finite. Its grids and FID say so; training goes on.
+    result = run_script("train.py", "fit", *TINY_DIGITS, "--trainer.max_epochs", "1", "--model.lr", "1e20",
+                        "--model.warmup_kimg", "0", "--ema.rampup_ratio", "null", "--ema.half_life_kimg", "0.01",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sample_grids: no karras_ve grid at step 3: sampling gave NaN or infinite values" in result.stderr
+    assert "sample_quality: FID and KID of karras_ve at step 3 are logged as NaN" in result.stderr
+    run_dir = tmp_path / "lightning_logs" / "digits" / "version_0"
+    assert not (run_dir / "samples" / "karras_ve").exists()  # no black grid
+    values = scalars(run_dir)
+    assert math.isnan(values["fid/karras_ve"][-1][1]) and math.isinf(values["train/loss_epoch"][-1][1])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_cifar10_offline_download_failure_says_what_to_do(tmp_path):

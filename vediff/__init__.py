@@ -23,6 +23,7 @@ from vediff.pipelines.pipelines import (
     ImagePipeline,
     ImagePipelineOutput,
     KarrasVePipeline,
+    NonFiniteSamplesError,
     ScoreSdeVePipeline,
     SolverPipeline,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "KarrasVeOutput",
     "KarrasVePipeline",
     "KarrasVeScheduler",
+    "NonFiniteSamplesError",
     "SampleGrids",
     "SampleQuality",
     "Sampler",

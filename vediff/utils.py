@@ -7,11 +7,12 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
+import PIL.Image
 import torch
 
 
@@ -20,23 +21,38 @@ class ConfigError(ValueError):
 
 
 def check_number(
-    field: str, value: float, *, above: float | None = None, at_least: float | None = None, allow_inf: bool = False
+    field: str, value: float, *, above: float | None = None, at_least: float | None = None,
+    at_most: float | None = None, allow_inf: bool = False, why: str = "",
 ) -> None:
-    """Raise ConfigError unless `value` is a number, never NaN, finite unless `allow_inf`, and within the bound."""
+    """Raise ConfigError unless `value` is a number, never NaN, finite unless `allow_inf`, and within the bounds;
+    `why` says what a bound protects and follows the message."""
+    because = f" ({why})" if why else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"{field}: {value!r} is not a number")
     if math.isinf(value) and not allow_inf:
         raise ConfigError(f"{field}: {value} must be finite")
     if above is not None and not value > above:
-        raise ConfigError(f"{field}: {value} must be above {above:g}")
+        raise ConfigError(f"{field}: {value} must be above {above:g}{because}")
     if at_least is not None and not value >= at_least:
-        raise ConfigError(f"{field}: {value} must be {at_least:g} or more")
+        raise ConfigError(f"{field}: {value} must be {at_least:g} or more{because}")
+    if at_most is not None and not value <= at_most:
+        raise ConfigError(f"{field}: {value} must be {at_most:g} or less{because}")
 
 
-def check_count(field: str, value: int, at_least: int) -> None:
-    """Raise ConfigError unless `value` is an integer of at least `at_least`."""
+def check_count(field: str, value: int, at_least: int, at_most: int | None = None, why: str = "") -> None:
+    """Raise ConfigError unless `value` is an integer of at least `at_least` (and at most `at_most`, for `why`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
         raise ConfigError(f"{field}: {value!r} must be a whole number, {at_least} or more")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"{field}: {value} must be {at_most} or less{f' ({why})' if why else ''}")
+
+
+def first_nonfinite(tensors: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of the first floating-point tensor among (name, tensor) pairs that holds NaN or infinity, or None."""
+    for name, tensor in tensors:
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def one_line(message: str) -> str:
@@ -67,6 +83,16 @@ def check_writable(folder: str | Path, field: str) -> Path:
     return folder
 
 
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -95,7 +121,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-# k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in `path`; anything unreadable is a one-line ConfigError naming `what` (e.g. "--ckpt: ...")."""
     try:
@@ -107,6 +132,7 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+# k-diffusion's helper: broadcast a per-sample tensor against an image batch without scattered reshapes.
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
     """Append trailing singleton dimensions to `x` until it has `target_dims` dimensions."""
     missing = target_dims - x.ndim
@@ -151,3 +177,28 @@ def read_yaml(path: str | Path, field: str) -> Any:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError(f"{field}: '{path}' is not valid YAML{at} ({getattr(error, 'problem', error)})") from None
+
+
+# What Pillow raises for a file it cannot or will not decode: damage (OSError, with UnidentifiedImageError, SyntaxError
+# and EOFError from some plugins), a text chunk that decompresses beyond its limit (ValueError), or more pixels than
+# Image.MAX_IMAGE_PIXELS allows twice over (DecompressionBombError, a plain Exception).
+IMAGE_FILE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, PIL.Image.DecompressionBombError)
+
+
+def open_image(path: str | Path, field: str,
+               check_header: Callable[[PIL.Image.Image], None] | None = None) -> PIL.Image.Image:
+    """The image in `path`, decoded in full; anything Pillow refuses is a ConfigError naming `field` and the file.
+
+    `check_header(image)` runs on the opened, not yet decoded image (its size and mode are known), so a file that
+    should be refused for those is refused without decoding its pixels.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            if check_header is not None:
+                check_header(image)
+            image.load()
+            return image
+    except IMAGE_FILE_ERRORS as error:
+        if isinstance(error, ConfigError):  # check_header's own refusal
+            raise
+        raise ConfigError(f"{field}: cannot read '{path}' as an image ({error}); remove or replace the file") from None

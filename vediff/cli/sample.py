@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -19,17 +21,18 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from vediff.models.guidance import check_null_label
 from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
 from vediff.pipelines.hub import resolve
 from vediff.pipelines.inputs import read_image_files
 from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser_folder, read_checkpoint
-from vediff.sampling.grids import image_grid, to_uint8
+from vediff.sampling.grids import grid_size, image_grid, to_uint8
 from vediff.sampling.registry import SAMPLERS, Setting
 from vediff.sampling.seeds import batches, cycle_labels, parse_class_labels, parse_seeds, uniform_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
 from vediff.training.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
-from vediff.utils import ConfigError, check_writable, fail, read_yaml, write_atomically
+from vediff.utils import ConfigError, check_writable, fail, first_missing, read_yaml, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
 
@@ -50,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the newest last.ckpt under lightning_logs/")
     arg("--export", metavar="DIR", help="write the model and the chosen sampler as a pipeline folder "
                                         "(JSON + safetensors, loadable with ImagePipeline.from_pretrained) and exit")
-    arg("--overwrite", action="store_true", help="let --export replace an existing pipeline folder")
+    arg("--overwrite", action="store_true",
+        help="let --outdir hold an earlier run (its images, grid, npz and metrics are removed first; other files "
+             "stay) and --export replace an existing pipeline folder")
     arg("--seeds", help="one image per seed, EDM style: 0-63 or 1,5,9 (default 0-63; 0-49999 with --fid on CIFAR-10)")
     arg("--class-labels", metavar="CLASSES",
         help="class-conditional models: classes like 3, 0-9 or 1,5, cycled over the seeds (image i gets the i-th "
@@ -107,9 +112,6 @@ def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
         if given:
             raise ConfigError(f"{', '.join(given)}: editing needs --init-image, the image(s) to edit")
         return {}
-    if args.fid or args.export is not None:
-        raise ConfigError(f"--init-image: editing writes edited images; it does not combine with "
-                          f"{'--fid' if args.fid else '--export'}")
     if strength is not None and not 0 < strength <= 1:  # NaN fails too
         raise ConfigError(f"--strength: {strength} must lie in (0, 1]; 1 runs the whole schedule")
     if resample_steps is not None and mask is None:
@@ -125,6 +127,23 @@ def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
     if resample_steps:
         extra["resample_steps"] = resample_steps
     return extra
+
+
+# Flags that only shape a sampling run's images and files, by their argparse destination: --export samples nothing.
+SAMPLING_ONLY_FLAGS = {"seeds": "--seeds", "class_labels": "--class-labels", "grid": "--grid", "npz": "--npz",
+                       "fid": "--fid", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
+                       "resample_steps": "--resample-steps"}
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Refuse flags that the rest of the command would silently ignore."""
+    if args.export is not None:
+        given = [flag for dest, flag in SAMPLING_ONLY_FLAGS.items() if getattr(args, dest, None) not in (None, False)]
+        if given:
+            raise ConfigError(f"{given[0]}: --export writes a pipeline folder and samples nothing; leave out "
+                              f"{', '.join(given)}, or drop --export to sample")
+    if args.fid and getattr(args, "init_image", None) is not None:
+        raise ConfigError("--init-image: editing writes edited images; it does not combine with --fid")
 
 
 # Flags that keep a shorter name than their SamplerConfig field.
@@ -226,13 +245,82 @@ def check_export_folder(path: str, overwrite: bool) -> Path:
     return folder
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
-    write_atomically(path, lambda p: PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-                     .save(p, format="PNG"))
+class OutputWriteError(OSError):
+    """A file of the run could not be written (a full disk, a quota, a file-size limit)."""
+
+
+# What a sampling run writes into --outdir: <seed>.png per image, grid.png, samples.npz, metrics.json, and the
+# temporary files they are written through.
+RUN_FILES = re.compile(r"\d{6,}\.png|grid\.png|samples\.npz|metrics\.json|\..+\.tmp")
+
+
+class OutputFolder:
+    """--outdir: refused while it holds an earlier run (unless --overwrite), written file by file, and emptied of
+    this run's files again if the run fails, so a failed run leaves nothing behind. Ctrl+C keeps the whole images
+    written so far."""
+
+    def __init__(self, path: str, overwrite: bool) -> None:
+        self.path = check_writable(path, "--outdir")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--outdir: '{self.path}' is a file; name a folder")
+        earlier = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if earlier and not overwrite:
+            raise ConfigError(f"--outdir: '{self.path}' already holds files ({', '.join(earlier[:3])}"
+                              f"{', …' if len(earlier) > 3 else ''}); choose a new folder, or add --overwrite to "
+                              "replace an earlier run's images there")
+        self.created = first_missing(self.path)
+        self.written: list[Path] = []
+
+    def prepare(self) -> None:
+        """Create the folder; remove an earlier run's files from it (with --overwrite; other files stay)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for path in self.path.iterdir():
+            if RUN_FILES.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
+    def write(self, name: str, write: Callable[[Path], object]) -> None:
+        """Write `name` whole (through a temporary file); a failed write is an OutputWriteError naming the file."""
+        path = self.path / name
+        try:
+            write_atomically(path, write)
+        except OSError as error:
+            raise OutputWriteError(f"--outdir: could not write '{path}' ({error.strerror or error}); free space or "
+                                   "choose another folder with --outdir; this run's files were removed") from None
+        self.written.append(path)
+
+    def roll_back(self, remove_folder: bool) -> None:
+        """Remove the files this process wrote and, if asked, the folders the run created (once empty)."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        if remove_folder and self.created is not None:
+            folder = self.path.absolute()
+            while folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                if folder == self.created:
+                    break
+                folder = folder.parent
+
+
+def png_writer(image: np.ndarray) -> Callable[[Path], None]:
+    """Writes a uint8 image (H, W, C) as a PNG (grayscale for one channel)."""
+    return lambda path: PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+
+
+def image_name(seed: int) -> str:
+    return f"{seed:06d}.png"
 
 
 def image_path(outdir: Path, seed: int) -> Path:
-    return outdir / f"{seed:06d}.png"
+    return outdir / image_name(seed)
+
+
+def check_grid(args: argparse.Namespace, count: int, image_size: int, labels: list[int] | None) -> None:
+    """Refuse a grid too large to write (or to open again) before any image is drawn."""
+    height, width = grid_size(count, image_size, args.grid_min_size, labels)
+    if height * width > PIL.Image.MAX_IMAGE_PIXELS:
+        raise ConfigError(f"--grid-min-size: the grid of {count} images would be {width}×{height} px, more than "
+                          f"Pillow opens without a decompression-bomb warning ({PIL.Image.MAX_IMAGE_PIXELS} px); "
+                          "lower --grid-min-size (0 keeps the native size), or draw fewer seeds into it")
 
 
 def quality_setup(
@@ -254,21 +342,25 @@ def main() -> None:
         run(build_parser().parse_args())
     except ConfigError as error:
         fail(str(error))
+    except OutputWriteError as error:
+        fail(str(error), status=1)
     except KeyboardInterrupt:
         fail("interrupted; every image file written so far is complete (files are written whole)", status=130)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Check every argument, then sample; nothing is written before the checks pass."""
+    """Check every argument, then sample; nothing is written before the checks pass, and a run that fails removes
+    what it wrote."""
     if args.batch_size < 1 or args.devices < 1:
         raise ConfigError("--batch-size and --devices must be at least 1")
     if args.grid_min_size < 0:
         raise ConfigError(f"--grid-min-size: {args.grid_min_size} must be 0 (native size) or more")
+    check_flag_combinations(args)
     config = sampler_config(args)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_devices(args.device, args.devices)
     export = check_export_folder(args.export, args.overwrite) if args.export is not None else None
-    outdir = check_writable(args.outdir, "--outdir") if export is None else None
+    outputs = OutputFolder(args.outdir, args.overwrite) if export is None else None
     ckpt = checkpoint_path(args.ckpt)
     if ckpt.is_dir():
         if args.fid:
@@ -278,11 +370,17 @@ def run(args: argparse.Namespace) -> None:
     else:
         checkpoint = read_checkpoint(ckpt)
         denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
-    config.scheduler(denoiser)  # built once here to check the σ range and settings against the model
+    config.levels(denoiser)  # the whole schedule, built once here: σ range, steps and settings against the model
     classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
-    if config.guidance_scale != 1 and classes is None and not (args.fid and denoiser.num_classes):
-        raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model and "
-                          "the classes to draw)")
+    guided = classes is not None or (args.fid and denoiser.num_classes)
+    if config.guidance_scale != 1:
+        if not guided:
+            raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model "
+                              "and the classes to draw)")
+        try:
+            check_null_label(denoiser, config.guidance_scale)
+        except ConfigError as error:
+            raise ConfigError(f"--guidance: {str(error).removeprefix('guidance_scale: ')}") from None
     if export is not None:
         folder = config.pipeline(denoiser).save_pretrained(export)
         print(f"Exported {ckpt} with {config.sampler} to {folder}/")
@@ -297,14 +395,29 @@ def run(args: argparse.Namespace) -> None:
         labels, label_source = dict(zip(seeds, cycle_labels(classes, len(seeds)), strict=True)), args.class_labels
     elif quality is not None and denoiser.num_classes:  # FID of a conditional model: classes drawn uniformly
         labels, label_source = dict(zip(seeds, uniform_labels(seeds, denoiser.num_classes), strict=True)), "uniform"
+    if args.grid:
+        check_grid(args, len(seeds), denoiser.sample_size, [labels[seed] for seed in seeds] if labels else None)
 
     strategy = "ddp" if args.devices > 1 else "auto"
     try:
         fabric = Fabric(accelerator=args.device, devices=args.devices, strategy=strategy, precision=args.precision)
     except (RuntimeError, ValueError, MisconfigurationException) as error:  # what check_devices cannot foresee
         raise ConfigError(f"--device/--devices: {error}") from None
-    outdir.mkdir(parents=True, exist_ok=True)
+    outputs.prepare()
     fabric.launch()
+    try:
+        write_samples(fabric, args, config, denoiser, ckpt, seeds, labels, label_source, editing, quality, outputs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        outputs.roll_back(remove_folder=fabric.global_rank == 0)
+        raise
+
+
+def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfig, denoiser, ckpt: Path,
+                  seeds: list[int], labels: dict[int, int] | None, label_source: str | None, editing: dict,
+                  quality, outputs: OutputFolder) -> None:
+    """Sample this process's share of the seeds into `outputs`, then (rank zero) the grid, npz and FID."""
     # Editing runs part of the schedule (strength) or steps again (resampling): the registry's count does not apply.
     cost = "" if editing else f", {config.nfe} network evaluations per image"
     fabric.print(f"{'Editing images with' if editing else 'Sampling'} {ckpt} with {config.sampler}{cost}")
@@ -325,31 +438,32 @@ def run(args: argparse.Namespace) -> None:
             with fabric.autocast():
                 images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels, **edits)).numpy()
             for seed, image in zip(chunk, images, strict=True):
-                save_png(image, image_path(outdir, seed))
+                outputs.write(image_name(seed), png_writer(image))
             bar.update(len(chunk))
     fabric.barrier()
-    if fabric.global_rank == 0:
-        if args.grid or args.npz or quality:
-            stacked = np.stack([np.array(PIL.Image.open(image_path(outdir, s))) for s in seeds])
-            stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
-            if args.grid:
-                grid = image_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
-                                  min_size=args.grid_min_size,
-                                  class_labels=[labels[seed] for seed in seeds] if labels else None)
-                write_atomically(outdir / "grid.png", lambda p: save_image(grid, p, format="PNG"))
-            if args.npz:
-                extra = {"labels": np.array([labels[seed] for seed in seeds])} if labels else {}
-                write_atomically(outdir / "samples.npz",
-                                 lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds), **extra))
-        seconds = time.perf_counter() - start
-        if quality:
-            report_quality(quality, stacked, config, ckpt, outdir, seconds, fabric.device, label_source)
-        print(f"Wrote {len(seeds)} {'edited ' if editing else ''}images to {outdir}/ ({config.sampler}{cost}, "
-              f"{seconds:.1f} s)")
+    if fabric.global_rank != 0:
+        return
+    if args.grid or args.npz or quality:
+        stacked = np.stack([np.array(PIL.Image.open(image_path(outputs.path, s))) for s in seeds])
+        stacked = stacked.reshape(len(seeds), *stacked.shape[1:3], -1)  # grayscale keeps a channel axis
+        if args.grid:
+            grid = image_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
+                              min_size=args.grid_min_size,
+                              class_labels=[labels[seed] for seed in seeds] if labels else None)
+            outputs.write("grid.png", lambda p: save_image(grid, p, format="PNG"))
+        if args.npz:
+            extra = {"labels": np.array([labels[seed] for seed in seeds])} if labels else {}
+            outputs.write("samples.npz",
+                          lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds), **extra))
+    seconds = time.perf_counter() - start
+    if quality:
+        report_quality(quality, stacked, config, ckpt, outputs, seconds, fabric.device, label_source)
+    print(f"Wrote {len(seeds)} {'edited ' if editing else ''}images to {outputs.path}/ ({config.sampler}{cost}, "
+          f"{seconds:.1f} s)")
 
 
-def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outdir: Path, seconds: float,
-                   device: torch.device, label_source: str | None) -> None:
+def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outputs: OutputFolder,
+                   seconds: float, device: torch.device, label_source: str | None) -> None:
     """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
     data, metrics, feature = quality
     statistics = reference_statistics(data, metrics.extractor, feature, device=device)
@@ -366,6 +480,6 @@ def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Pa
         "checkpoint": str(ckpt), "class_labels": label_source,
         "guidance_scale": config.guidance_scale if label_source else None,
     }
-    write_atomically(outdir / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    outputs.write("metrics.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     print(f"FID {values['fid']:.3f}, KID {values['kid']:.5f} ({feature} features, {len(images)} images against "
-          f"{metrics.reference_count} training images) -> {outdir / 'metrics.json'}")
+          f"{metrics.reference_count} training images) -> {outputs.path / 'metrics.json'}")

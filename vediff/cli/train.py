@@ -13,12 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from vediff.pipelines.config import SamplerConfig
 from vediff.pipelines.loading import check_same_shapes, read_checkpoint
 from vediff.training.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
-from vediff.training.checkpoints import CheckpointWriteError, NonFiniteWeightsError
+from vediff.training.checkpoints import CheckpointWriteError, NonFiniteWeightsError, newest_checkpoint
 from vediff.training.data import ImageDataModule, resolve_channels
 from vediff.training.module import NonFiniteLossError, VEDiffusion
-from vediff.utils import ConfigError, check_writable, fail, read_yaml
+from vediff.utils import ConfigError, check_writable, fail, first_missing, read_yaml
 
 
 class OneLineParser(LightningArgumentParser):
@@ -63,6 +64,7 @@ class VediffCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         check_accelerator(config.trainer)
+        check_sampler_blocks(config)
         logger_args = getattr(config.trainer.get("logger"), "init_args", None)
         root = config.trainer.get("default_root_dir")
         if root:
@@ -72,11 +74,12 @@ class VediffCLI(LightningCLI):
             if root and not Path(logger_args.save_dir).is_absolute():
                 logger_args.save_dir = str(Path(root) / logger_args.save_dir)
             check_writable(logger_args.save_dir, "trainer.logger.init_args.save_dir")
-        if self.subcommand != "fit":
-            return
-        check_writable(config.data.root, "data.root")
-        if config.get("ckpt_path") == "last":
-            self._resume_newest_run(config)
+        if self.subcommand == "fit":
+            check_writable(config.data.root, "data.root")
+            if config.get("ckpt_path") == "last":
+                self._resume_newest_run(config)
+        else:
+            self._checkpoint_to_evaluate(config)
 
     # Overrides LightningCLI._parse_ckpt_path of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
     def _parse_ckpt_path(self) -> None:
@@ -91,7 +94,9 @@ class VediffCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if getattr(self, "resume_shapes", None) is not None:
-            check_same_shapes(self.resume_shapes, self.model, self.config.fit.ckpt_path)
+            check_same_shapes(self.resume_shapes, self.model, self.config[self.subcommand].ckpt_path)
+
+    before_validate = before_test = before_predict = before_fit
 
     # Overrides LightningCLI._run_subcommand of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
     def _run_subcommand(self, subcommand: str) -> None:
@@ -109,22 +114,61 @@ class VediffCLI(LightningCLI):
 
     def _resume_newest_run(self, config) -> None:
         """Point `ckpt_path` at the newest last.ckpt of this logger and reuse that run's log folder."""
-        logger = config.trainer.get("logger")
-        init_args = getattr(logger, "init_args", None)
-        if init_args is None or "save_dir" not in init_args:
+        run_root = logger_runs(config)
+        if run_root is None:
             return  # not a single TensorBoard/CSV-style logger: leave "last" to Lightning
-        run_root = Path(init_args.save_dir) / (init_args.get("name") or "")
-        found = sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+        newest = newest_checkpoint(run_root)
+        if newest is None:
             print(f"No last.ckpt under {run_root}/; starting a new run.", file=sys.stderr)
             config.ckpt_path = None
             return
-        newest = found[-1]
         print(f"Resuming from {newest}", file=sys.stderr)
         config.ckpt_path = str(newest)
-        init_args.version = newest.parent.parent.name
+        config.trainer.logger.init_args.version = newest.parent.parent.name
         self.save_config_kwargs["overwrite"] = True  # the run's own config.yaml is rewritten, not an error
         self._parse_ckpt_path()
+
+    def _checkpoint_to_evaluate(self, config) -> None:
+        """validate, test and predict evaluate a trained model: `ckpt_path` must name one, and `last` means what it
+        means for fit (the newest last.ckpt of this config's runs). Without one Lightning would evaluate the freshly
+        initialised network and report its numbers as if they were the model's."""
+        given, command = config.get("ckpt_path"), f"train.py {self.subcommand}"
+        if given in (None, "best", "hpc", "registry"):
+            what = "no --ckpt_path" if given is None else f"--ckpt_path {given} (it names a checkpoint of a fit only)"
+            raise ConfigError(f"ckpt_path: {command} evaluates a trained model and got {what}; give --ckpt_path last "
+                              "(the newest run of this config) or the path of a checkpoint")
+        if given != "last":
+            return
+        run_root = logger_runs(config)
+        newest = newest_checkpoint(run_root) if run_root is not None else None
+        if newest is None:
+            where = f"under {run_root}/" if run_root is not None else "for this logger"
+            raise ConfigError(f"ckpt_path: last: no last.ckpt {where}; train first (python train.py fit with the "
+                              "same config) or give the path of a checkpoint")
+        print(f"Evaluating {newest}", file=sys.stderr)
+        config.ckpt_path = str(newest)
+        self._parse_ckpt_path()
+
+
+def check_sampler_blocks(config) -> None:
+    """Build each sampler block of the callbacks once, so that a bad value is a ConfigError naming its block: built
+    later, inside jsonargparse's instantiation of an optional type, it would be a multi-line ValueError instead."""
+    blocks = [(f"sample_grids.samplers.{i}", block) for i, block in enumerate(config.sample_grids.samplers or [])]
+    if config.sample_quality.sampler is not None:
+        blocks.append(("sample_quality.sampler", config.sample_quality.sampler))
+    for field, block in blocks:
+        try:
+            SamplerConfig(**getattr(block, "init_args", block))
+        except ConfigError as error:
+            raise ConfigError(f"{field}: {error}") from None
+
+
+def logger_runs(config) -> Path | None:
+    """The folder holding the runs (version_*) of the config's logger, or None for loggers without one."""
+    init_args = getattr(config.trainer.get("logger"), "init_args", None)
+    if init_args is None or "save_dir" not in init_args:
+        return None
+    return Path(init_args.save_dir) / (init_args.get("name") or "")
 
 
 def check_accelerator(trainer_config) -> None:
@@ -136,16 +180,6 @@ def check_accelerator(trainer_config) -> None:
             "on the CPU add --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision "
             "32-true (and a smaller model, e.g. --model.net.init_args.model_channels 32), or train digits.yaml"
         )
-
-
-def first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` that does not exist yet (what creating `path` would create), or None."""
-    path = path.absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
 
 
 def resolve_config_paths(args: Sequence[str], config_dirs: Sequence[Path]) -> list[str]:

@@ -16,11 +16,13 @@ Score-SDE's VE models), so pipelines map their images to [0, 1] correctly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from vediff.models.preconditioning import check_sigma_range
 from vediff.models.vp import (
     MIN_ALPHA_CUMPROD,
     PREDICTION_TYPES,
@@ -30,7 +32,7 @@ from vediff.models.vp import (
     vp_to_ve_sigma,
     vp_x0_and_eps,
 )
-from vediff.utils import ConfigError, append_dims, sigma_batch
+from vediff.utils import ConfigError, append_dims, check_number, sigma_batch
 
 TimestepMapping = Literal["interpolate", "nearest"]
 
@@ -39,6 +41,12 @@ class ExternalDenoiser(nn.Module):
 
     def __init__(self, unet: nn.Module, sigma_min: float, sigma_max: float, data_range: tuple[float, float]) -> None:
         super().__init__()
+        if not (isinstance(data_range, Sequence) and len(data_range) == 2):
+            raise ConfigError(f"data_range: {data_range!r} should be [low, high]")
+        for value in data_range:
+            check_number("data_range", value)
+        if not data_range[0] < data_range[1]:
+            raise ConfigError(f"data_range: {list(data_range)} should be [low, high] with low below high")
         self.unet = unet
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.data_range = (float(data_range[0]), float(data_range[1]))
@@ -51,6 +59,7 @@ class ExternalDenoiser(nn.Module):
         self.sample_size = size
         self.in_channels = int(_config(unet, "in_channels"))
         self.num_classes = int(_config(unet, "num_class_embeds", 0) or 0)
+        self.has_null_label = False  # diffusers' class embeddings have no row for "no label"
 
     def _class_indices(self, class_labels: torch.Tensor | None) -> torch.Tensor | None:
         """vediff's one-hot rows as the class indices diffusers' class embedding takes."""
@@ -170,9 +179,7 @@ class VEScoreDenoiser(ExternalDenoiser):
     def __init__(
         self, unet: nn.Module, sigma_min: float, sigma_max: float, data_range: tuple[float, float] = (0.0, 1.0)
     ) -> None:
-        if not 0 < sigma_min < sigma_max < math.inf:
-            raise ConfigError(f"VEScoreDenoiser: sigma_min ({sigma_min}) must be positive and below sigma_max "
-                              f"({sigma_max})")
+        check_sigma_range(sigma_min, sigma_max, "")
         super().__init__(unet, sigma_min, sigma_max, data_range)
 
     @property

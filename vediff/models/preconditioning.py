@@ -9,22 +9,33 @@ the σ range the model was trained for (``sigma_min``, ``sigma_max``).
 
 from __future__ import annotations
 
-import math
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from vediff.utils import ConfigError, append_dims, sigma_batch
+from vediff.utils import ConfigError, append_dims, check_number, sigma_batch
+
+# The noise levels float32 sampling can represent. Below SIGMA_FLOOR a level is under 1/700 of an 8-bit pixel step
+# (2/255 of the data range), so steps there change nothing an image file shows; above SIGMA_CEILING float32's spacing
+# at σ (σ·2⁻²³ ≈ 0.012 at 1e5) exceeds a pixel step, so the image drowns in rounding under the noise.
+SIGMA_FLOOR, SIGMA_CEILING = 1e-5, 1e5
+
+
+def check_sigma(field: str, sigma: float) -> None:
+    """Raise a ConfigError naming `field` unless σ is a number in [SIGMA_FLOOR, SIGMA_CEILING]."""
+    check_number(field, sigma, at_least=SIGMA_FLOOR, why="smaller noise levels change nothing an 8-bit image shows")
+    check_number(field, sigma, at_most=SIGMA_CEILING,
+                 why="at larger ones float32 rounding alone exceeds an 8-bit pixel step")
 
 
 def check_sigma_range(sigma_min: float, sigma_max: float, owner: str) -> None:
-    """Raise a ConfigError unless 0 < sigma_min < sigma_max < ∞."""
-    if not 0 < sigma_min < sigma_max < math.inf:
-        raise ConfigError(
-            f"{owner}: sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max}), "
-            "which must be finite; fix the values in the config"
-        )
+    """Raise a ConfigError unless SIGMA_FLOOR ≤ sigma_min < sigma_max ≤ SIGMA_CEILING (all numbers)."""
+    prefix = f"{owner}: " if owner else ""
+    check_sigma(f"{prefix}sigma_min", sigma_min)
+    check_sigma(f"{prefix}sigma_max", sigma_max)
+    if not sigma_min < sigma_max:
+        raise ConfigError(f"{prefix}sigma_min ({sigma_min}) must be below sigma_max ({sigma_max}); fix the values")
 
 
 # The one contract every sampler, loss, pipeline and guidance wrapper relies on.
@@ -35,7 +46,9 @@ class Denoiser(Protocol):
     `x` is (B, C, H, W); `sigma` a scalar or (B,); `class_labels`, for conditional models, one-hot rows (B,
     num_classes) with a zero row meaning "no label" (classifier-free guidance's unconditional pass), None for none.
     The result is float32, shaped like `x`. `num_classes` is 0 for unconditional models. `data_range` is the
-    range of the data the model was trained on ((−1, 1) for vediff's models); pipelines map it to [0, 1].
+    range of the data the model was trained on ((−1, 1) for vediff's models); pipelines map it to [0, 1]. An optional
+    `has_null_label` (True where absent) says whether the zero row is a label the model learnt; guidance refuses
+    models where it is False.
     """
 
     in_channels: int
@@ -73,6 +86,12 @@ class Precond(nn.Module):
     @property
     def num_classes(self) -> int:
         return getattr(self.net, "label_dim", 0)
+
+    @property
+    def has_null_label(self) -> bool:
+        """Whether the network learnt the null label (a zero row) that guidance's unconditional pass feeds it: only
+        if training dropped labels."""
+        return getattr(self.net, "label_dropout", 0) > 0
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (c_skip, c_out, c_in, c_noise) for a float32 σ tensor."""

@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, check_count, check_number
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -32,6 +32,13 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((root - last) * first / (first - last)) ** 2
 
 
+# β_t is the share of variance a step adds, so it lies in (0, 1); improved DDPM caps it at 0.999.
+MAX_BETA = 0.999
+BETA_WHY = "β is the share of variance one step adds; improved DDPM caps it at 0.999"
+# Far beyond any published T (DDPM: 1 000); a typo of a few zeros would first allocate the schedule.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
 # DDPM (Ho et al. 2020) linear β; "scaled_linear" as in latent diffusion; ᾱ_t = Π (1 − β).
 def vp_alphas_cumprod(
     num_train_timesteps: int = 1000,
@@ -43,10 +50,25 @@ def vp_alphas_cumprod(
 ) -> torch.Tensor:
     """ᾱ_t for t = 0 … T−1 (float64) of a discrete-time VP (DDPM) model, by diffusers' scheduler config keys.
 
-    `trained_betas`, when given, are the β_t themselves (and fix T).
+    `trained_betas`, when given, are the β_t themselves (T of them). Each argument is checked: a value of the wrong
+    type or range is a ConfigError naming its key, as a scheduler config file spells it.
     """
+    check_count("num_train_timesteps", num_train_timesteps, 2, MAX_TRAIN_TIMESTEPS,
+                "each timestep is a level of the schedule; DDPM trains with 1 000")
+    check_number("beta_start", beta_start, above=0, at_most=MAX_BETA, why=BETA_WHY)
+    check_number("beta_end", beta_end, above=0, at_most=MAX_BETA, why=BETA_WHY)
+    if not isinstance(rescale_betas_zero_snr, bool):
+        raise ConfigError(f"rescale_betas_zero_snr: {rescale_betas_zero_snr!r} must be true or false")
     if trained_betas is not None:
-        betas = torch.tensor(list(trained_betas), dtype=torch.float64)
+        if isinstance(trained_betas, (str, bytes)) or not isinstance(trained_betas, Sequence):
+            raise ConfigError(f"trained_betas: expected a list of {num_train_timesteps} numbers, got "
+                              f"{type(trained_betas).__name__}")
+        if len(trained_betas) != num_train_timesteps:
+            raise ConfigError(f"trained_betas: {len(trained_betas)} values for num_train_timesteps "
+                              f"{num_train_timesteps}; make them agree")
+        for beta in trained_betas:
+            check_number("trained_betas", beta, above=0, at_most=MAX_BETA, why=BETA_WHY)
+        betas = torch.tensor([float(beta) for beta in trained_betas], dtype=torch.float64)
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
     elif beta_schedule == "scaled_linear":

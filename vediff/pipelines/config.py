@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from vediff.models.guidance import check_guidance_scale
+from vediff.models.preconditioning import check_sigma, check_sigma_range
 from vediff.pipelines.pipelines import PIPELINES, ImagePipeline, SolverPipeline
 from vediff.pipelines.schedulers import Scheduler
 from vediff.sampling.registry import SAMPLERS, SCHEDULE_SETTINGS, Sampler, SamplerName, Setting, setting_versions
-from vediff.utils import ConfigError, check_count, check_number
+from vediff.utils import ConfigError, check_count
 
 # Settings every sampler has; the registry's own settings follow them.
 COMMON_SETTINGS = (
@@ -50,14 +52,13 @@ class _SamplerConfigMethods:
         entry = self.entry
         if self.steps is not None:
             check_count("steps", self.steps, 1)
-            if entry.max_steps is not None and self.steps > entry.max_steps:
-                reason = f" ({entry.max_steps_reason})" if entry.max_steps_reason else ""
-                raise ConfigError(f"steps: {self.steps} exceed the {entry.max_steps} that {entry.name} allows{reason}; "
-                                  f"use at most {entry.max_steps}")
+            if self.steps > entry.max_steps:
+                raise ConfigError(f"steps: {self.steps} exceed the {entry.max_steps} that {entry.name} allows "
+                                  f"({entry.max_steps_reason}); use at most {entry.max_steps}")
         for field in ("sigma_min", "sigma_max"):
             if getattr(self, field) is not None:
-                check_number(field, getattr(self, field), above=0)
-        check_number("guidance_scale", self.guidance_scale)
+                check_sigma(field, getattr(self, field))
+        check_guidance_scale(self.guidance_scale)
         values = {**dataclasses.asdict(self), **self.settings}
         own = {setting.name: setting for setting in entry.settings}
         for name, versions in SETTING_VERSIONS.items():  # all of them: a NaN is a mistake even where it is unused
@@ -93,14 +94,18 @@ class _SamplerConfigMethods:
         """(σ_min, σ_max): the ones set here, else the denoiser's training range."""
         low = self.sigma_min if self.sigma_min is not None else float(denoiser.sigma_min)
         high = self.sigma_max if self.sigma_max is not None else float(denoiser.sigma_max)
-        if not 0 < low < high:
-            raise ConfigError(f"sigma_min ({low}) must be positive and below sigma_max ({high})")
+        check_sigma_range(low, high, "")
         return low, high
 
     def scheduler(self, denoiser) -> Scheduler:
         """The scheduler for these settings; the σ range defaults to `denoiser`'s."""
         sigma_range = self.sigma_range(denoiser) if self.entry.uses_sigma_range else None
         return PIPELINES.get(self.sampler, SolverPipeline).scheduler_for(self.settings, sigma_range, denoiser)
+
+    def levels(self, denoiser) -> torch.Tensor:
+        """The N + 1 noise levels these settings walk over `denoiser`: the whole schedule, built (and so checked
+        against the model: σ range, steps, ρ) before anything is sampled."""
+        return self.pipeline(denoiser)._plan(self.num_steps)
 
     def pipeline(self, denoiser) -> ImagePipeline:
         """The sampler's pipeline (its diffusers counterpart, else a `SolverPipeline`) around `denoiser`, progress bar
@@ -143,9 +148,9 @@ def _merged(versions: dict[str, Setting]) -> Setting:
         by_default[str(setting.default)].append(sampler)
     doc = "; ".join(f"{', '.join(samplers)}: {text}" for text, samplers in by_doc.items())
     if len(by_default) == 1:
-        return Setting(first.name, first.type, first.default, doc, first.at_least, first.above)
+        return dataclasses.replace(first, doc=doc)
     defaults = "; ".join(f"{value} for {', '.join(samplers)}" for value, samplers in by_default.items())
-    return Setting(first.name, first.type, None, f"{doc} (default: {defaults})", first.at_least, first.above)
+    return dataclasses.replace(first, default=None, doc=f"{doc} (default: {defaults})")
 
 
 # Each setting once, as a SamplerConfig field and a sample.py flag, in registry order.

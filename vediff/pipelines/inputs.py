@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 from einops import rearrange
 
-from vediff.utils import ConfigError
+from vediff.utils import ConfigError, open_image
 
 ImageInput = torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image]
 
@@ -98,18 +98,17 @@ def read_image_files(path: str | Path, field: str, count: int, channels: int, si
 
 
 def _read_image(file: Path, field: str, channels: int, size: int, mask: bool) -> np.ndarray:
-    try:
-        with PIL.Image.open(file) as image:
-            image.load()
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ConfigError(f"{field}: cannot read '{file}' as an image ({error})") from None
-    if image.size != (size, size):
-        raise ConfigError(f"{field}: '{file}' is {image.size[0]}×{image.size[1]} pixels; the model draws "
-                          f"{size}×{size} images; resize or crop it first")
     accepted = MASK_MODES if mask else MODES.get(channels, ())
-    if image.mode not in accepted:
-        wanted = "masks in mode L, 1 or RGB" if mask else f"{channels}-channel 8-bit images (mode {accepted[0]})"
-        raise ConfigError(f"{field}: '{file}' has PIL mode {image.mode}; the model takes {wanted}; convert it, e.g. "
-                          f"with PIL's Image.convert('{accepted[1] if mask else accepted[0]}')")
+
+    def check_header(image: PIL.Image.Image) -> None:
+        if image.size != (size, size):
+            raise ConfigError(f"{field}: '{file}' is {image.size[0]}×{image.size[1]} pixels; the model draws "
+                              f"{size}×{size} images; resize or crop it first")
+        if image.mode not in accepted:
+            wanted = "masks in mode L, 1 or RGB" if mask else f"{channels}-channel 8-bit images (mode {accepted[0]})"
+            raise ConfigError(f"{field}: '{file}' has PIL mode {image.mode}; the model takes {wanted}; convert it, "
+                              f"e.g. with PIL's Image.convert('{accepted[1] if mask else accepted[0]}')")
+
+    image = open_image(file, field, check_header)
     array = np.asarray(image.convert("L") if mask else image, dtype=np.float32) / 255
     return array[..., None] if array.ndim == 2 else array

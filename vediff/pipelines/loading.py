@@ -36,7 +36,7 @@ from vediff.pipelines.hub import (
     resolve,
     save_diffusers_denoiser,
 )
-from vediff.utils import ConfigError, class_path, write_atomically, write_json
+from vediff.utils import ConfigError, class_path, first_nonfinite, write_atomically, write_json
 
 MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -86,6 +86,15 @@ def read_json(path: Path, field: str = "") -> dict[str, Any]:
     return data
 
 
+def check_finite_weights(denoiser: torch.nn.Module, path: str | Path, field: str) -> None:
+    """Refuse a model with a NaN or infinite weight: every image it drew would be NaN, written as black."""
+    name = first_nonfinite(denoiser.state_dict().items())
+    if name is not None:
+        prefix = f"{field}: " if field else ""
+        raise ConfigError(f"{prefix}'{path}': weight '{name}' is NaN or infinite, so every sample would be too; use "
+                          "an earlier checkpoint of the run, or train again with a lower learning rate")
+
+
 def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | ExternalDenoiser:
     """The denoiser of a pipeline folder (vediff's or diffusers'), in eval mode on the CPU.
 
@@ -93,7 +102,9 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | Exter
     """
     folder, prefix = Path(folder), f"{field}: " if field else ""
     if is_diffusers_folder(folder):
-        return load_diffusers_denoiser(folder, field)
+        denoiser = load_diffusers_denoiser(folder, field)
+        check_finite_weights(denoiser, folder, field)
+        return denoiser
     config = read_json(folder / UNET_CONFIG, field)
     precond, net_spec = config.get("_class_name"), config.get("net")
     network = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
@@ -120,6 +131,7 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | Exter
     check_same_shapes({name: tuple(w.shape) for name, w in weights.items()}, net, weights_path, field=field or "unet",
                       hint=f"its weights do not fit {UNET_CONFIG}; save the pipeline again")
     net.load_state_dict(weights)
+    check_finite_weights(denoiser, weights_path, field)
     return denoiser.eval()
 
 
@@ -185,6 +197,7 @@ def denoiser_from_checkpoint(checkpoint: dict, path: str | Path, field: str = "-
     except (ConfigError, RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0]
         raise ConfigError(f"{prefix}'{path}' does not match its own architecture ({first})") from None
+    check_finite_weights(denoiser, path, field)
     return denoiser.eval()
 
 

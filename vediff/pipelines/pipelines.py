@@ -37,12 +37,27 @@ from vediff.pipelines.schedulers import (
 )
 from vediff.sampling.editing import first_step, impute, resample, shifted
 from vediff.sampling.registry import SAMPLERS
-from vediff.sampling.schedules import append_zero, given_sigmas
+from vediff.sampling.schedules import append_zero, check_steps, given_sigmas
 from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
 from vediff.utils import ConfigError, check_number, package_version, write_json
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")  # "numpy" as diffusers' pipelines take it
 EDITING_ARGUMENTS = ("image", "mask_image", "strength", "resample_steps")
+
+
+class NonFiniteSamplesError(ConfigError):
+    """Sampling ended in NaN or infinite values: the images would be black or garbage, so none are returned."""
+
+
+def check_finite_samples(x: torch.Tensor) -> None:
+    """Raise NonFiniteSamplesError, naming the likely causes, unless every value of the batch `x` is finite."""
+    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteSamplesError(
+            f"sampling gave NaN or infinite values in {int((~finite).sum())} of {len(finite)} images, so none are "
+            "returned; likely causes: network weights that are NaN, infinite or diverged (a checkpoint of an unstable "
+            "run), a guidance scale or sampler setting far outside its usual range (s_noise, snr, the σ range), or "
+            "float16 overflow in the network (use bf16 or float32 precision)")
 
 
 @dataclass
@@ -60,7 +75,8 @@ class ImagePipeline:
     list or LongTensor), `guidance_scale` (classifier-free guidance w, diffusers' convention: 1 plain conditional, 0
     unconditional, > 1 guided; default 1), `dtype` (sampler arithmetic, torch.float32 by default or torch.float64)
     and `callback` (called after every step with a dict of i, x, sigma, sigma_hat and denoised). A tqdm progress
-    bar shows the steps unless `set_progress_bar_config(disable=True)`.
+    bar shows the steps unless `set_progress_bar_config(disable=True)`. A batch that comes out NaN or infinite anywhere
+    raises `NonFiniteSamplesError` instead of returning black or garbage images.
 
     Editing (`vediff.sampling.editing`), with any sampler, conditioning and guidance:
     - `image`: a tensor (B, C, H, W) in [−1, 1], PIL images, or a NumPy array (H, W, C) or (B, H, W, C) in [0, 1];
@@ -161,7 +177,7 @@ class ImagePipeline:
             fits = config.get("_class_name") == target.scheduler_class.__name__ or target.reads_scheduler(denoiser)
             with warnings.catch_warnings():  # keys of another scheduler class are expected here, not news
                 warnings.simplefilter("ignore")
-                scheduler = (target.scheduler_class.from_config(config) if fits
+                scheduler = (target.scheduler_class.from_config(path / SCHEDULER_CONFIG) if fits
                              else target.default_scheduler(denoiser))
         return target(unet=denoiser, scheduler=scheduler, **({} if foreign else index.get("_pipeline_args", {})))
 
@@ -191,8 +207,7 @@ class ImagePipeline:
     def _check(self, batch_size: int, num_inference_steps: int, output_type: str, extra: dict[str, Any]) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} must be a positive integer")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: {num_inference_steps} must be a positive integer")
+        check_steps(num_inference_steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
         unknown = set(extra) - {"class_labels", "guidance_scale", "dtype", "callback", *EDITING_ARGUMENTS}
@@ -258,6 +273,7 @@ class ImagePipeline:
         else:
             x = run(x, start, steps)
         x = self._finish(x, sigmas)
+        check_finite_samples(x)
         if keep is not None:  # the kept pixels exactly as given, whatever the sampler's last step left there
             x = torch.lerp(image, x, 1 - keep)
         return self._output(x, data_range, output_type, return_dict)

@@ -35,6 +35,7 @@ from vediff.models.vp import (
 from vediff.sampling.schedules import (
     Spacing,
     append_zero,
+    check_steps,
     ddim_timesteps,
     given_sigmas,
     karras_sigmas,
@@ -52,7 +53,15 @@ from vediff.sampling.solvers import (
     randn,
     reverse_diffusion_step,
 )
-from vediff.utils import ConfigError, append_dims, check_number, read_json_object, write_json
+from vediff.utils import (
+    ConfigError,
+    append_dims,
+    check_count,
+    check_number,
+    one_line,
+    read_json_object,
+    write_json,
+)
 
 
 class Output:
@@ -165,9 +174,11 @@ class Scheduler:
         config makes a DDIMScheduler with the same β schedule); keys it does not take are ignored with a warning.
         Called on `Scheduler` itself, the class is the one the config names.
         """
+        source = None
         if not isinstance(config, dict):
             path = Path(config)
-            config = read_json_object(path / cls.config_name if path.is_dir() else path, "scheduler config: ")
+            source = path / cls.config_name if path.is_dir() else path
+            config = read_json_object(source, "scheduler config: ")
         config = {**config, **overrides}
         name = config.get("_class_name", cls.__name__)
         target = cls if cls is not Scheduler else SCHEDULERS.get(name)
@@ -179,7 +190,12 @@ class Scheduler:
         if ignored:
             warnings.warn(f"{target.__name__} ignores config keys {ignored} (it takes {sorted(accepted)})",
                           stacklevel=2)
-        return target(**{k: v for k, v in config.items() if k in accepted})
+        try:
+            return target(**{k: v for k, v in config.items() if k in accepted})
+        except (ValueError, TypeError) as error:  # a value of the wrong type or range, named by its key
+            if source is None:
+                raise
+            raise ConfigError(f"scheduler config '{source}': {one_line(str(error))}") from None
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """These schedulers need no input scaling; kept for interchangeability with those that do."""
@@ -327,12 +343,14 @@ class ScoreSdeVeScheduler(Scheduler):
         correct_steps: int = 1,
         step_size_per_sample: bool = False,
     ) -> None:
+        check_steps(num_train_timesteps, "ScoreSdeVeScheduler: num_train_timesteps")
         check_sigma_range(sigma_min, sigma_max, "ScoreSdeVeScheduler")
         check_number("ScoreSdeVeScheduler: snr", snr, at_least=0)
-        if correct_steps < 0:
-            raise ValueError(f"ScoreSdeVeScheduler: correct_steps ({correct_steps}) must be 0 or more")
-        if not 0 < sampling_eps < 1:
-            raise ValueError(f"ScoreSdeVeScheduler: sampling_eps ({sampling_eps}) must be in (0, 1)")
+        check_count("ScoreSdeVeScheduler: correct_steps", correct_steps, 0)
+        check_number("ScoreSdeVeScheduler: sampling_eps", sampling_eps, above=0)
+        if not sampling_eps < 1:
+            raise ConfigError(f"ScoreSdeVeScheduler: sampling_eps ({sampling_eps}) must be below 1: it is the time "
+                              "t ∈ (0, 1) where sampling stops (Song et al.: 1e-5)")
         self._store_config(num_train_timesteps=num_train_timesteps, snr=snr, sigma_min=sigma_min,
                            sigma_max=sigma_max, sampling_eps=sampling_eps, correct_steps=correct_steps,
                            step_size_per_sample=step_size_per_sample)
@@ -344,8 +362,7 @@ class ScoreSdeVeScheduler(Scheduler):
         self, num_inference_steps: int, sampling_eps: float | None = None, device: str | torch.device | None = None
     ) -> None:
         """Continuous times t_i = linspace(1, ε, N)."""
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: {num_inference_steps} must be at least 1")
+        check_steps(num_inference_steps)
         sampling_eps = self.config["sampling_eps"] if sampling_eps is None else sampling_eps
         self.timesteps = torch.linspace(1, sampling_eps, num_inference_steps, device=device)
 
@@ -487,13 +504,12 @@ class DDIMScheduler(Scheduler):
             raise ValueError(f"DDIMScheduler: dynamic_thresholding_ratio ({dynamic_thresholding_ratio}) is a quantile "
                              "and must be at most 1")
         check_number("DDIMScheduler: sample_max_value", sample_max_value, at_least=1, allow_inf=True)
-        if trained_betas is not None:
-            trained_betas = [float(beta) for beta in trained_betas]
-            if len(trained_betas) != num_train_timesteps:
-                raise ValueError(f"DDIMScheduler: trained_betas holds {len(trained_betas)} values and "
-                                 f"num_train_timesteps is {num_train_timesteps}; make them agree")
+        check_number("DDIMScheduler: clip_sample_range", clip_sample_range, above=0)
+        check_count("DDIMScheduler: steps_offset", steps_offset, 0)
         self.alphas_cumprod = vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                 trained_betas, rescale_betas_zero_snr)
+        if trained_betas is not None:
+            trained_betas = [float(beta) for beta in trained_betas]
         self._store_config(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                            beta_schedule=beta_schedule, trained_betas=trained_betas, clip_sample=clip_sample,
                            set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,

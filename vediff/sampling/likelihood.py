@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from vediff.models.preconditioning import Denoiser
-from vediff.utils import check_count, check_number
+from vediff.utils import ConfigError, check_count, check_number
 
 Divergence = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
@@ -102,8 +102,7 @@ def log_likelihood(
         raise ValueError(f"divergence: '{divergence}' is not one of hutchinson, exact")
     if probe not in ("rademacher", "gaussian"):
         raise ValueError(f"probe: '{probe}' is not one of rademacher, gaussian")
-    if not torch.isfinite(x).all():
-        raise ValueError("x: the images hold NaN or infinite values")
+    check_images(denoiser, x)
     state = x.detach().to(torch.float64)
     fixed_probes = _probes(state, probes, probe, generator) if divergence == "hutchinson" else None
 
@@ -116,10 +115,34 @@ def log_likelihood(
         ends, integrals = odeint(dynamics, start, grid, rtol=rtol, atol=atol, method=method)
     end, integral = ends[-1], integrals[-1]
     if prior is not None:
-        return prior(end) + integral
-    dims = end[0].numel()
-    gaussian = -0.5 * end.flatten(1).square().sum(1) / high**2 - dims * (0.5 * math.log(2 * math.pi) + math.log(high))
-    return gaussian + integral
+        log_p = prior(end) + integral
+    else:
+        dims = end[0].numel()
+        log_p = integral - 0.5 * end.flatten(1).square().sum(1) / high**2 - dims * (
+            0.5 * math.log(2 * math.pi) + math.log(high))
+    if not bool(torch.isfinite(log_p).all()):
+        raise ConfigError("log_likelihood: the probability-flow ODE gave a NaN or infinite log-density; likely causes: "
+                          "NaN or infinite network weights, or a σ range far outside the model's training range")
+    return log_p
+
+
+def check_images(denoiser: Denoiser, x: torch.Tensor) -> None:
+    """Refuse what would give a raw torch error or a meaningless number: not a (B, C, H, W) batch of at least one
+    image, another shape than the model's, NaN or infinite values, or values far outside the model's data range."""
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] == 0:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ConfigError(f"x: expected a batch of images (B, C, H, W) with B ≥ 1, got {shape}")
+    channels, size = getattr(denoiser, "in_channels", None), getattr(denoiser, "sample_size", None)
+    if (channels is not None and x.shape[1] != channels) or (size is not None and tuple(x.shape[2:]) != (size, size)):
+        raise ConfigError(f"x: the model takes images of shape ({channels}, {size}, {size}), got {tuple(x.shape[1:])}")
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError("x: the images hold NaN or infinite values")
+    low, high = getattr(denoiser, "data_range", (-1.0, 1.0))
+    # Images live in the data range; a margin of its width again admits smoothed or noisy data, not a wrong frame.
+    if x.min() < low - (high - low) or x.max() > high + (high - low):
+        raise ConfigError(f"x: values span [{x.min().item():.4g}, {x.max().item():.4g}], far outside the model's data "
+                          f"range [{low:g}, {high:g}]; give images in that range (dequantize() maps 8-bit pixels "
+                          "there)")
 
 
 def bits_per_dim(log_p: torch.Tensor, dims: int, data_range: tuple[float, float] = (-1.0, 1.0),

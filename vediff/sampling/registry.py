@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from vediff.sampling.schedules import Spacing
+from vediff.sampling.schedules import MAX_STEPS, Spacing
 from vediff.sampling.solvers import (
     sample_ddim,
     sample_dpmpp_2m,
@@ -35,7 +35,7 @@ class Setting:
     """One sampler setting: it becomes a `SamplerConfig` field and a `sample.py` flag with this type, default and doc.
 
     `at_least` is an inclusive lower bound (a number, or the name of another setting whose value bounds this one),
-    `above` an exclusive one.
+    `above` an exclusive one; `at_most` an inclusive upper bound, for the reason `at_most_why` (shown in the error).
     """
 
     name: str
@@ -44,14 +44,18 @@ class Setting:
     doc: str
     at_least: float | str | None = None
     above: float | None = None
+    at_most: float | None = None
+    at_most_why: str = ""
 
     def check(self, value: Any, settings: Mapping[str, Any]) -> None:
-        """Raise a ConfigError naming the setting unless `value` has its type and lies within its bound."""
+        """Raise a ConfigError naming the setting unless `value` has its type and lies within its bounds."""
         if self.type is int:
-            check_count(self.name, value, int(self.at_least or 0))
+            check_count(self.name, value, int(self.at_least or 0), self.at_most, self.at_most_why)
         elif self.type is float:
             bound = settings[self.at_least] if isinstance(self.at_least, str) else self.at_least
             check_number(self.name, value, above=self.above, at_least=bound, allow_inf=math.isinf(self.default))
+            check_number(self.name, value, at_most=self.at_most, allow_inf=math.isinf(self.default),
+                         why=self.at_most_why)
         elif self.type is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{self.name}: {value!r} must be true or false")
@@ -81,7 +85,7 @@ class Sampler:
         nfe: Network evaluations per image for N steps and the settings (default: one per step).
         settings: The sampler's own settings, with types, defaults and docs.
         uses_sigma_range: Whether `sigma_min`/`sigma_max` bound its schedule (DDIM takes its own from β instead).
-        max_steps: Largest N, if any.
+        max_steps: Largest N (at most `vediff.sampling.schedules.MAX_STEPS`, the bound of every schedule).
         max_steps_reason: Why, for the error message.
     """
 
@@ -92,8 +96,8 @@ class Sampler:
     nfe: Callable[[int, Mapping[str, Any]], int] = one_per_step
     settings: tuple[Setting, ...] = ()
     uses_sigma_range: bool = True
-    max_steps: int | None = None
-    max_steps_reason: str = ""
+    max_steps: int = MAX_STEPS
+    max_steps_reason: str = "no published sampler needs more; each step costs network evaluations"
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run the solver: `SAMPLERS["ddim"](denoiser, x, sigmas, eta=0.0)`."""
@@ -109,6 +113,11 @@ SCHEDULE_SETTINGS = (
             "σ schedule: EDM's ρ schedule (karras) or geometric in σ (ve)"),
     Setting("rho", float, 7.0, "ρ of the karras schedule", above=0),
 )
+
+# S_noise scales the noise a step adds; EDM uses 1.003–1.011 (Table 5), and at 2 the state already carries twice the
+# added noise its level assumes.
+MAX_S_NOISE = 2.0
+S_NOISE_WHY = "EDM uses 1.003–1.011; beyond 2 a step adds over twice the noise its level assumes"
 
 DDIM_TRAIN_STEPS = 1000  # T of DDPM's linear β schedule, which vediff's DDIM walks
 
@@ -141,7 +150,8 @@ register(Sampler(
     settings=(
         *SCHEDULE_SETTINGS,
         Setting("s_churn", float, 0.0, "S_churn, overall stochasticity; 0 is deterministic Heun", at_least=0),
-        Setting("s_noise", float, 1.0, "S_noise, scale of the churn noise", at_least=0),
+        Setting("s_noise", float, 1.0, "S_noise, scale of the churn noise", at_least=0, at_most=MAX_S_NOISE,
+                at_most_why=S_NOISE_WHY),
         Setting("s_min", float, 0.0, "S_min, lower end of the σ range that gets churn", at_least=0),
         Setting("s_max", float, math.inf, "S_max, upper end of the σ range that gets churn", at_least="s_min"),
     ),
@@ -153,7 +163,9 @@ register(Sampler(
     default_steps=200,
     nfe=lambda n, settings: n * (settings["correct_steps"] + 1),
     settings=(
-        Setting("snr", float, 0.16, "Langevin signal-to-noise ratio", at_least=0),
+        Setting("snr", float, 0.16, "Langevin signal-to-noise ratio", at_least=0, at_most=1.0,
+                at_most_why="a Langevin step adds noise of about 2·snr·σ, twice the level it corrects at snr 1; "
+                            "Song et al. use 0.075–0.17"),
         Setting("correct_steps", int, 1, "Langevin corrector steps per predictor step", at_least=0),
         Setting("step_size_per_sample", bool, True,
                 "Langevin step size from each image's own norms (false: score_sde's batch average, images then "
@@ -180,7 +192,7 @@ register(Sampler(
 ETA = Setting("eta", float, 1.0, "η: fraction of each step's noise drawn afresh; 0 is the probability-flow ODE",
               at_least=0)
 S_NOISE = Setting("s_noise", float, 1.0, "scale of the fresh noise (above 1 offsets detail lost per step)",
-                  at_least=0)
+                  at_least=0, at_most=MAX_S_NOISE, at_most_why=S_NOISE_WHY)
 register(Sampler(
     name="euler",
     solve=sample_euler,

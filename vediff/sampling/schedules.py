@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vediff.models.preconditioning import check_sigma_range
+from vediff.utils import ConfigError, check_count
 
 Spacing = Literal["leading", "trailing", "linspace", "quadratic"]
 
@@ -23,15 +24,20 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _check_steps(n: int) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_inference_steps: {n} must be a positive integer")
+# Published samplers need far fewer (Score-SDE's predictor–corrector: 1 000–2 000 steps) and every schedule and loop is
+# sized by N, so a count beyond this is a typo that would first allocate memory in proportion.
+MAX_STEPS = 10_000
+
+
+def check_steps(n: int, field: str = "num_inference_steps") -> None:
+    """Raise a ConfigError naming `field` unless `n` is a whole number of steps in 1 … MAX_STEPS."""
+    check_count(field, n, 1, MAX_STEPS, "no published sampler needs more; each step costs network evaluations")
 
 
 # EDM Table 1, VE column: σ_i = √t_i with t_i = σ_max²·(σ_min²/σ_max²)^(i/(N−1)), i.e. σ geometric.
 def ve_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """N noise levels, geometric from σ_max down to σ_min (Karras et al. 2022, Table 1, VE)."""
-    _check_steps(n)
+    check_steps(n)
     check_sigma_range(sigma_min, sigma_max, "ve_sigmas")
     if n == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
@@ -42,15 +48,26 @@ def ve_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 # EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ.
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """N noise levels from σ_max to σ_min, spaced by EDM's ρ schedule (Karras et al. 2022, eq. 5)."""
-    _check_steps(n)
+    check_steps(n)
     check_sigma_range(sigma_min, sigma_max, "karras_sigmas")
     if not rho > 0:
         raise ValueError(f"rho: {rho} must be positive")
     if n == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
     ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+    try:
+        inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
+    except OverflowError:
+        sigmas = torch.tensor([math.inf])
+    # An extreme ρ takes σ^(1/ρ) out of float64's range or rounds both ends to the same value.
+    ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64)
+    if not (bool(torch.isfinite(sigmas).all()) and torch.allclose(sigmas[[0, -1]], ends, rtol=1e-6)
+            and bool((sigmas[1:] < sigmas[:-1]).all())):
+        raise ConfigError(f"rho: {rho} cannot space {n} levels from {sigma_max:g} down to {sigma_min:g} in float64 "
+                          "(σ^(1/ρ) overflows, or rounding loses an end of the range); EDM uses 7, and 1 spaces σ "
+                          "linearly")
+    return sigmas
 
 
 def given_sigmas(levels: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -79,7 +96,7 @@ def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing = "leading
     leading: i·⌊T/N⌋; trailing: round(T − i·T/N) − 1; linspace: round(linspace(0, T−1, N));
     quadratic (the paper's CIFAR-10 choice): ⌊(i·√(0.8T)/(N−1))²⌋.
     """
-    _check_steps(n)
+    check_steps(n)
     T = num_train_timesteps
     if n > T:
         raise ValueError(f"num_inference_steps: {n} exceeds num_train_timesteps ({T})")

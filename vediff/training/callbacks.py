@@ -14,9 +14,12 @@ import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vediff.models.guidance import check_null_label
 from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.pipelines import NonFiniteSamplesError
 from vediff.sampling.grids import image_grid
 from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
 from vediff.training.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
@@ -198,6 +201,8 @@ class SampleGrids(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # trainer.log_dir is a collective (a broadcast from rank zero): asked here, on every rank, not in `draw`.
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        for i, config in enumerate(self.samplers):
+            check_sampler(config, pl_module.denoiser, f"sample_grids.samplers.{i}")
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -216,8 +221,12 @@ class SampleGrids(Callback):
         step = trainer.global_step
         for config in self.samplers:
             start = time.perf_counter()
-            with trainer.precision_plugin.forward_context():
-                images = config.generate(config.pipeline(denoiser), seeds, class_labels=labels)
+            try:
+                with trainer.precision_plugin.forward_context():
+                    images = config.generate(config.pipeline(denoiser), seeds, class_labels=labels)
+            except NonFiniteSamplesError as error:  # a diverging run early on must not end training
+                rank_zero_warn(f"sample_grids: no {config.label} grid at step {step}: {error}")
+                continue
             images = images.float().cpu()  # waits for the device, so the time below is the sampling time
             seconds = time.perf_counter() - start
             # Quantised once, so the PNG and every logger show the same pixels.
@@ -236,6 +245,18 @@ class SampleGrids(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = state_dict["validations"]
+
+
+def check_sampler(config: SamplerConfig, denoiser: torch.nn.Module, field: str) -> None:
+    """A callback's sampler block checked against the model at setup, so a mistake stops the run before training
+    rather than at its first validation: its schedule over the model's σ range, and guidance on a conditional model
+    that learnt the null label."""
+    try:
+        config.levels(denoiser)
+        if denoiser.num_classes:
+            check_null_label(denoiser, config.guidance_scale)
+    except ConfigError as error:
+        raise ConfigError(f"{field}: {error}") from None
 
 
 def log_image(logger: Logger, tag: str, grid: np.ndarray, step: int) -> None:
@@ -297,6 +318,7 @@ class SampleQuality(Callback):
         data = trainer.datamodule
         if data is None or not hasattr(data, "image_size"):
             raise ConfigError("sample_quality: needs the ImageDataModule to know the training set; set num_images: 0")
+        check_sampler(self.sampler, pl_module.denoiser, "sample_quality.sampler")
         extractor = feature_extractor(self.feature, data.channels, data.image_size, self.inception_weights)
         if self.num_images < trainer.world_size:
             raise ConfigError(f"sample_quality.num_images: {self.num_images} leaves a process without images; "
@@ -334,13 +356,25 @@ class SampleQuality(Callback):
         pipeline = self.sampler.pipeline(pl_module.denoiser)
         seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
         num_classes = pl_module.denoiser.num_classes
+        label, failure = self.sampler.label, None
         for chunk in batches(seeds, self.batch_size):
             labels = uniform_labels(chunk, num_classes) if num_classes else None  # classes drawn uniformly, seeded
-            with trainer.precision_plugin.forward_context():
-                images = self.sampler.generate(pipeline, chunk, class_labels=labels)
+            try:
+                with trainer.precision_plugin.forward_context():
+                    images = self.sampler.generate(pipeline, chunk, class_labels=labels)
+            except NonFiniteSamplesError as error:
+                failure = error
+                break
             self.metrics.add_generated(quantize(images.float()))
+        # A collective, so that every process skips the gathering below together when any of them failed.
+        if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            self.metrics.reset_generated()
+            rank_zero_warn(f"sample_quality: FID and KID of {label} at step {trainer.global_step} are logged as NaN: "
+                           f"{failure or 'another process drew non-finite samples'}")
+            for name in ("fid", "kid"):
+                pl_module.log(f"{prefix}{name}/{label}", math.nan, batch_size=1, sync_dist=True)
+            return
         values = self.metrics.compute()  # a collective: every process gets here
-        label = self.sampler.label
         # The values are already gathered and equal on every process; sync_dist only tells Lightning so.
         pl_module.log(f"{prefix}fid/{label}", values["fid"], batch_size=1, sync_dist=True)
         pl_module.log(f"{prefix}kid/{label}", values["kid"], batch_size=1, sync_dist=True)

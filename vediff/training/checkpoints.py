@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from vediff.utils import first_nonfinite
+
 
 class NonFiniteWeightsError(RuntimeError):
     """Training produced NaN or infinite weights; the checkpoint that would hold them is not written."""
@@ -80,12 +82,12 @@ class _WriteErrorRecorder:
 def check_finite_weights(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Raise NonFiniteWeightsError if any floating-point weight (averaged or raw) is NaN or infinite."""
     for key in ("state_dict", "current_model_state"):
-        for name, tensor in checkpoint.get(key, {}).items():
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise NonFiniteWeightsError(
-                    f"weight '{name}' is NaN or infinite at step {checkpoint.get('global_step')}; not writing "
-                    f"'{path}', the previous checkpoint stays; resume from it with a lower model.lr"
-                )
+        name = first_nonfinite(checkpoint.get(key, {}).items())
+        if name is not None:
+            raise NonFiniteWeightsError(
+                f"weight '{name}' is NaN or infinite at step {checkpoint.get('global_step')}; not writing "
+                f"'{path}', the previous checkpoint stays; resume from it with a lower model.lr"
+            )
 
 
 def newest_checkpoint(root: str | Path = "lightning_logs") -> Path | None:

@@ -14,11 +14,11 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from vediff.utils import ConfigError
+from vediff.utils import IMAGE_FILE_ERRORS, ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NATURAL_CHANNELS = {"digits": 1, "cifar10": 3, "huggingface": 3, "folder": 3}
@@ -110,9 +110,13 @@ class HuggingFaceImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
-            return self.transform(self.table[index][self.column])
-        except UnsupportedImage as error:
-            raise ConfigError(f"data.hf_name: row {index} of column '{self.column}': {error}") from None
+            image = self.table[index][self.column]
+            if not isinstance(image, Image.Image):
+                raise UnsupportedImage(f"it holds a {type(image).__name__}, not an image")
+            return self.transform(image)
+        except IMAGE_FILE_ERRORS as error:
+            raise ConfigError(f"data.image_column: row {index} of column '{self.column}' cannot be read as an image "
+                              f"({error}); remove the row or replace its file") from None
 
 
 def find_images(root: Path) -> list[Path]:
@@ -138,7 +142,7 @@ def check_images(paths: list[Path], channels: int) -> None:
                 image.verify()
             with Image.open(path) as image:
                 image_to_array(image, channels)
-        except (UnidentifiedImageError, OSError, SyntaxError, UnsupportedImage) as error:
+        except IMAGE_FILE_ERRORS as error:
             raise ConfigError(f"data.root: cannot read image '{path}' ({error}); remove or replace the file") from None
 
 
@@ -157,7 +161,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as image:
                 return self.transform(image.copy())
-        except (UnidentifiedImageError, OSError, UnsupportedImage) as error:
+        except IMAGE_FILE_ERRORS as error:
             message = f"data.root: cannot decode image '{path}' ({error}); remove or replace the file"
             raise ConfigError(message) from None
 
@@ -305,7 +309,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.dataset_name == "cifar10":
             self._cifar10(download=True)
         elif self.dataset_name == "huggingface":
-            self._huggingface()
+            # Every row decoded now, as for folders: a damaged file is refused before training, not mid-epoch.
+            rows = HuggingFaceImages(self._huggingface(), self.hf["column"], ToModelImage(self.image_size,
+                                     self.channels))
+            for index in range(len(rows)):
+                rows[index]
         elif self.dataset_name == "folder":
             check_images(find_images(self.root), self.channels)
         self._check_sizes(len(self._load()))
