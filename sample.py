@@ -6,6 +6,8 @@
     python sample.py --sampler karras_ve --steps 64 --s-churn 40 --s-noise 1.007 --schedule karras --rho 7
     python sample.py --devices 2 --seeds 0-49999 --npz         # seeds split over 2 processes (Lightning Fabric)
     python sample.py --ckpt cond.ckpt --class-labels 0-9 --guidance 2 --grid   # one row per class, guided
+    python sample.py --ema-std 0.08 --grid                     # the run's post-hoc EMA average of length 0.08
+    python sample.py --guide guide.ckpt --guidance 1.5 --grid  # autoguidance by a weaker model of the same task
 
 Each image comes from its own seed: the same seed gives the same image whatever --batch-size. Outputs go to --outdir:
 <seed>.png per image, grid.png (--grid; small images enlarged to at least --grid-min-size px, 0 for native size),

@@ -25,6 +25,13 @@ epoch restored). SIGTERM and Ctrl+C save last.ckpt before exiting; checkpoints a
 
     python train.py fit --config digits.yaml --ckpt_path last
 
+Post-hoc EMA snapshots land in the run's phema/ folder (sample.py --ema-std picks the average's length afterwards).
+A guide for autoguidance of the quick start (sample.py --guide; docs/training.md):
+
+    python train.py fit --config digits_guide.yaml
+
+Non-leaking augmentation (EDM's; the CIFAR-10 configs use p = 0.12):  --data.augment 0.12
+
 Evaluate the newest run's checkpoint: held-out bits/dim through the probability-flow ODE (and FID where configured):
 
     python train.py test --config digits.yaml --ckpt_path last

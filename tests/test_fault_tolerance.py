@@ -55,6 +55,9 @@ def test_ddp_two_processes_one_log_synchronised_validation(tmp_path):
     run_dir = runs[0]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert [p.name for p in run_dir.glob("checkpoints/*")] == ["last.ckpt"]
+    # One post-hoc EMA snapshot at the end (6 steps of 32 images), written once; writing it checked that both
+    # processes' tracked averages agree (the run fails otherwise).
+    assert [p.name for p in (run_dir / "phema").iterdir()] == ["phema-000000000192.safetensors"]
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 1765 training images, 16 per process and step: each process takes 3 steps of its own shard per epoch.
     assert checkpoint["global_step"] == 6

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from vediff import (
+    SAMPLERS,
+    ConfigError,
     DDIMPipeline,
     DDIMScheduler,
     Denoiser,
@@ -78,9 +80,10 @@ PIPELINES = {
                   dict(num_inference_steps=40)),
     "score_sde_ve": (lambda d: ScoreSdeVePipeline(d, ScoreSdeVeScheduler(snr=0.16, sigma_min=0.01, sigma_max=50)),
                      dict(num_inference_steps=300)),
-    # Guided predictions leave [-1, 1] at large σ (3·0.6 > 1). DDIM's default clip_sample then clips x̂0 but not ε̂,
-    # and the mismatch, added at every step, drives samples to the wrong edge: guide DDIM without clipping.
-    "ddim": (lambda d: DDIMPipeline(d, DDIMScheduler(clip_sample=False)), dict(num_inference_steps=100)),
+    # Guided predictions leave [-1, 1] at large σ (3·0.6 > 1). Clipping x̂0 but not ε̂ would drive samples to the
+    # wrong edge; at its defaults DDIM clips ε̂ too when guiding (use_clipped_model_output), and lands in the class.
+    "ddim": (lambda d: DDIMPipeline(d, DDIMScheduler()), dict(num_inference_steps=100)),
+    "ddim unclipped": (lambda d: DDIMPipeline(d, DDIMScheduler(clip_sample=False)), dict(num_inference_steps=100)),
     # The few-step solvers' stochastic members, whose fresh noise must not carry samples out of their class.
     **{name: (lambda d, name=name: SolverPipeline(d, SigmaScheduler(0.002, 80), name), dict(num_inference_steps=40))
        for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")},
@@ -256,3 +259,96 @@ def test_the_module_turns_batch_labels_into_one_hot_rows_and_needs_them_when_con
     with pytest.raises(ConfigError, match=r"set data\.num_classes to 3"):
         module.unpack(images)
     assert VEDiffusion(tiny_unet()).unpack(images)[1] is None  # unconditional: labels, if any, are not used
+
+
+class Gaussian:
+    """The ideal denoiser of N(μ, s²) per pixel, for any labels (they are ignored); counts its calls."""
+
+    in_channels, sample_size, sigma_min, sigma_max, num_classes, data_range = 1, 4, 0.002, 80.0, 0, (-1.0, 1.0)
+
+    def __init__(self, mean: float, spread: float) -> None:
+        self.mean, self.spread, self.calls = mean, spread, 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return (self.spread**2 * x + sigma**2 * self.mean) / (self.spread**2 + sigma**2)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_autoguidance_is_its_formula_and_costs_one_evaluation_per_model(w):
+    main, guide = Gaussian(0.3, 0.1), Gaussian(0.2, 0.3)  # the guide: the same task, learnt worse (broader)
+    x, sigma = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.tensor([0.05, 0.3, 1.0, 3.0, 20.0])
+    expected = guide(x, sigma) + w * (main(x, sigma) - guide(x, sigma))
+    main.calls = guide.calls = 0
+    torch.testing.assert_close(guided(main, w, guide)(x, sigma), expected, rtol=1e-12, atol=1e-12)
+    # w = 1 is the main model alone, w = 0 the guide alone; otherwise one evaluation of each.
+    assert (main.calls, guide.calls) == {0.0: (0, 1), 1.0: (1, 0), 2.5: (1, 1)}[w]
+    # With class labels both models are conditional, and guided alike (MixtureDenoiser: the same task, twice).
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0]), 3).double()
+    conditional_main, conditional_guide = MixtureDenoiser(), MixtureDenoiser()
+    conditional_guide.per_class = lambda x, s: MixtureDenoiser.per_class(conditional_guide, x, 2 * s)  # blurrier
+    expected = conditional_guide(x, sigma, labels) + w * (conditional_main(x, sigma, labels)
+                                                          - conditional_guide(x, sigma, labels))
+    torch.testing.assert_close(guided(conditional_main, w, conditional_guide)(x, sigma, labels), expected)
+
+
+def test_classifier_free_guidance_is_autoguidance_by_the_unconditional_model():
+    # One code path: guiding against the null label is guiding against the model fed a zero row.
+    denoiser = MixtureDenoiser()
+    x, sigma = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0.1, 0.5, 2.0, 9.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([2, 0, 1, 2]), 3).double()
+    unconditional = lambda y, s, c: denoiser(y, s, torch.zeros_like(c))  # noqa: E731
+    for w in (0.0, 2.0, 3.5):
+        torch.testing.assert_close(guided(denoiser, w)(x, sigma, labels),
+                                   guided(denoiser, w, guide=unconditional)(x, sigma, labels), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_autoguides_without_labels(sampler):
+    from vediff import SamplerConfig
+
+    # N(0.3, 0.1²) guided by N(0.3, 0.3²): w > 1 moves each step's estimate away from the broader guide, so the
+    # samples come out narrower than the main model's own; w = 1 is the main model's sampling to the bit.
+    main, guide = Gaussian(0.3, 0.1), Gaussian(0.3, 0.3)
+    seeds = range(200)
+
+    def draw(w: float, with_guide: bool = True) -> torch.Tensor:
+        config = SamplerConfig(sampler=sampler, steps=20, guidance_scale=w)
+        return config.generate(config.pipeline(main), seeds, guide=guide if with_guide else None) * 2 - 1
+
+    plain, guided_images = draw(1.0, with_guide=False), draw(2.0)
+    assert torch.equal(draw(1.0), plain)
+    assert guided_images.std() < 0.9 * plain.std()
+    assert abs(guided_images.mean().item() - 0.3) < 0.05
+
+
+@pytest.mark.parametrize("what, value", [("sample_size", 8), ("in_channels", 3), ("num_classes", 10),
+                                         ("sigma_max", 40.0), ("sigma_min", 0.02)])
+def test_a_guide_of_another_task_is_refused_naming_both(what, value):
+    main, guide = Gaussian(0.3, 0.1), Gaussian(0.3, 0.3)
+    setattr(guide, what, value)
+    pipe = KarrasVePipeline(main, KarrasVeScheduler(0.002, 80, s_churn=0, sigma_schedule="karras"))
+    with pytest.raises(ConfigError, match=rf"guide: its {what} is {value} and the main model's is "
+                                          rf"{getattr(main, what)}; a guide is a weaker model of the same task"):
+        pipe(batch_size=2, num_inference_steps=2, guide=guide, guidance_scale=2.0)
+
+
+def test_guided_ddim_clips_the_noise_estimate_with_the_prediction_unless_told_otherwise():
+    # diffusers' use_clipped_model_output=False, while guiding, clips x̂0 alone: the samples drift out of their class.
+    # vediff's default (None) turns it on for guided sampling only, so plain sampling stays diffusers' to the bit.
+    pipe = DDIMPipeline(MixtureDenoiser(), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(60) % 3
+
+    def classes(**call):
+        images = pipe(batch_size=60, class_labels=labels, generator=torch.Generator().manual_seed(1), output_type="pt",
+                      dtype=torch.float64, num_inference_steps=100, **call).images * 2 - 1
+        return (images.flatten(1).mean(1)[:, None] - MEANS[None].double()).abs().argmin(1)
+
+    assert torch.equal(classes(guidance_scale=3.0), labels)
+    assert (classes(guidance_scale=3.0, use_clipped_model_output=False) != labels).float().mean() > 0.2
+    plain = pipe(batch_size=4, generator=torch.Generator().manual_seed(2), output_type="pt").images
+    explicit = pipe(batch_size=4, generator=torch.Generator().manual_seed(2), output_type="pt",
+                    use_clipped_model_output=False).images
+    assert torch.equal(plain, explicit)

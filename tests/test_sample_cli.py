@@ -130,6 +130,9 @@ def bad_inputs(tmp_path, checkpoint):
     with torch.no_grad():
         nan_pipe.unet.net.output_conv.bias.fill_(math.nan)
     folders["nan_folder"] = nan_pipe.save_pretrained(tmp_path / "nan_folder")
+    other = KarrasVePipeline.from_pretrained(checkpoint)
+    other.unet.sigma_max = 40.0  # a model of another noise range: no guide for this one
+    folders["other_range"] = other.save_pretrained(tmp_path / "other_range")
     (tmp_path / "earlier").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "earlier" / "000002.png")  # an earlier run's image
     hostile = write_hostile_pngs(tmp_path / "hostile")
@@ -197,6 +200,29 @@ BAD.update({  # finite but absurd settings: each bound says why it is there
     "a decompression bomb as the mask": (["--ckpt", "{good}", "--init-image", "{text_bomb}", "--mask", "{bomb}"],
                                          "as an image (Decompressed data too large"),
 })
+BAD.update({  # post-hoc EMA
+    "an EMA length beyond the uniform average": (["--ckpt", "{good}", "--ema-std", "0.3"],
+                                                 "--ema-std: 0.3 must be below 0.2887"),
+    "an EMA time without a length": (["--ckpt", "{good}", "--ema-at", "3"], "--ema-at: needs --ema-std"),
+    "an EMA time with no snapshot": (["--ckpt", "{good}", "--ema-std", "0.07", "--ema-at", "5"],
+                                     "--ema-at: no snapshot at 5 kimg in '"),
+    "an EMA length for a checkpoint without snapshots": (["--ckpt", "{huge}", "--ema-std", "0.07"],
+                                                         "--ema-std: no post-hoc EMA snapshots in '"),
+    "an EMA length for a pipeline folder": (["--ckpt", "{existing}", "--ema-std", "0.07"],
+                                            "--ema-std: reconstructs from a training run's snapshots"),
+})
+BAD.update({  # autoguidance
+    "a guide's EMA length without a guide": (["--ckpt", "{good}", "--guide-ema-std", "0.1"],
+                                             "--guide-ema-std: needs --guide"),
+    "a guide at guidance 1": (["--ckpt", "{good}", "--guide", "{good}"],
+                              "--guide: at --guidance 1 the guide is unused"),
+    "a guide of another noise range": (["--ckpt", "{good}", "--guide", "{other_range}", "--guidance", "2"],
+                                       "--guide: its sigma_max is 40.0 and the main model's is 80.0"),
+    "a guide that does not exist": (["--ckpt", "{good}", "--guide", "{missing}", "--guidance", "2"],
+                                    "--guide: '"),
+    "a guide with --export": (["--ckpt", "{good}", "--export", "{blocker}_new", "--guide", "{good}", "--guidance",
+                               "2"], "--guide: --export writes a pipeline folder and samples nothing"),
+})
 if not torch.cuda.is_available():
     BAD["cuda without a GPU"] = (["--ckpt", "{good}", "--device", "cuda"], "--device cuda: no CUDA GPU")
 
@@ -259,6 +285,46 @@ def test_grid_size_is_the_size_of_the_grid_drawn(count, min_size, by_class):
     assert tuple(grid.shape[1:]) == grid_size(count, 5, min_size, labels)
 
 
+def test_ema_std_samples_the_reconstructed_average(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from vediff import KarrasVePipeline, SamplerConfig, reconstruct_ema
+    from vediff.training.posthoc_ema import read_snapshots
+
+    # The run (3 steps of 16 images) ends with a snapshot of its σ_rel 0.05 and 0.10 averages at 48 images.
+    (snapshot,) = read_snapshots(checkpoint)
+    assert (snapshot.images, snapshot.sigma_rels) == (48, (0.05, 0.1))
+    saved = load_file(str(snapshot.path))
+    state = reconstruct_ema(checkpoint, 0.10, output="state_dict")
+    assert all(torch.allclose(value, saved.get(f"0.1000/{name}", saved.get(f"buffers/{name}")), atol=1e-6)
+               for name, value in state.items())
+    sample_here(checkpoint, tmp_path / "phema", "--ema-std", "0.1", "--ema-at", "0.048")
+    pipe = KarrasVePipeline(reconstruct_ema(checkpoint, 0.10), KarrasVePipeline.default_scheduler(
+        reconstruct_ema(checkpoint, 0.10)))
+    pipe.set_progress_bar_config(disable=True)
+    images = SamplerConfig(steps=3).generate(pipe, SEEDS)
+    for seed, image in zip(SEEDS, images, strict=True):
+        written = np.asarray(Image.open(image_path(tmp_path / "phema", seed)))
+        assert np.array_equal(written, (image[0] * 255).round().clamp(0, 255).byte().numpy())
+    own = torch.load(checkpoint, weights_only=True)["state_dict"]  # the checkpoint's half-life EMA: another average
+    assert any(not torch.allclose(value, own[f"denoiser.{name}"]) for name, value in state.items())
+
+
+def test_guide_autoguides_an_unconditional_model(checkpoint, tmp_path):
+    from vediff import KarrasVePipeline, SamplerConfig, load_denoiser, reconstruct_ema
+
+    # The run's own σ_rel 0.05 average guides its half-life EMA model: a guide of the same task.
+    sample_here(checkpoint, tmp_path / "auto", "--guide", str(checkpoint), "--guide-ema-std", "0.05", "--guidance",
+                "3")
+    main, guide = load_denoiser(checkpoint), reconstruct_ema(checkpoint, 0.05)
+    pipe = KarrasVePipeline(main, KarrasVePipeline.default_scheduler(main))
+    pipe.set_progress_bar_config(disable=True)
+    expected = SamplerConfig(steps=3, guidance_scale=3.0).generate(pipe, SEEDS, guide=guide)
+    for seed, image in zip(SEEDS, expected, strict=True):
+        written = np.asarray(Image.open(image_path(tmp_path / "auto", seed)))
+        assert np.array_equal(written, (image[0] * 255).round().clamp(0, 255).byte().numpy())
+
+
 def test_overwrite_replaces_an_earlier_runs_files_and_keeps_the_rest(checkpoint, tmp_path):
     outdir = tmp_path / "out"
     sample_here(checkpoint, outdir, "--grid", "--npz")  # seeds 0-5
@@ -318,8 +384,9 @@ def test_fid_writes_the_json_report_and_outputs_follow_the_umask(checkpoint, tmp
     assert {oct(p.stat().st_mode & 0o777) for p in outdir.iterdir()} == {"0o640"}
     report = json.loads((outdir / "metrics.json").read_text())
     assert set(report) == {"sampler", "settings", "nfe", "num_images", "seconds", "fid", "kid", "kid_std", "feature",
-                           "reference", "checkpoint", "class_labels", "guidance_scale"}
-    assert report["class_labels"] is None and report["guidance_scale"] is None  # an unconditional model
+                           "reference", "checkpoint", "class_labels", "guidance_scale", "guide"}
+    assert report["class_labels"] is None and report["guidance_scale"] is None  # an unconditional model, unguided
+    assert report["guide"] is None
     assert (report["sampler"], report["nfe"], report["num_images"], report["feature"]) == ("karras_ve", 5, 6, "pixels")
     assert report["reference"] == {"dataset": "digits", "images": 1797}
     assert report["fid"] > 0 and report["seconds"] > 0 and report["settings"]["steps"] == 3
@@ -372,6 +439,24 @@ def conditional_checkpoint(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "lightning_logs" / "digits_cond" / "version_0"
+
+
+def test_sample_grids_draw_autoguided_grids_with_a_guide_named_in_the_config(checkpoint, conditional_checkpoint,
+                                                                            tmp_path):
+    blocks = '[{"sampler": "karras_ve", "steps": 3, "guidance_scale": 2.0, "name": "auto"}]'
+    args = [*TINY_DIGITS, "--trainer.max_epochs", "1", "--sample_quality.num_images", "0", "--sample_grids.samplers",
+            blocks]
+    result = run_script("train.py", "fit", *args, "--sample_grids.guide", str(checkpoint), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "lightning_logs" / "digits" / "version_0" / "samples" / "auto").iterdir()] \
+        == ["step_00000003.png"]
+    # A guide of another task (here with ten classes) is refused before anything starts.
+    (tmp_path / "refused").mkdir()
+    refused = run_script("train.py", "fit", *args, "--sample_grids.guide",
+                         str(conditional_checkpoint / "checkpoints" / "last.ckpt"), cwd=tmp_path / "refused")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "sample_grids.guide: its num_classes is 10 and the main model's is 0" in refused.stderr
+    assert not (tmp_path / "refused" / "lightning_logs").exists()
 
 
 def test_conditional_training_draws_one_grid_row_per_class(conditional_checkpoint):

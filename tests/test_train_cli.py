@@ -15,7 +15,7 @@ from conftest import REPO, TINY_DIGITS, run_script, tree, write_hostile_pngs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vediff import VEDiffusion
+from vediff import ImageDataModule, VEDiffusion
 from vediff.cli.train import main
 
 
@@ -149,8 +149,23 @@ def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
     printed = yaml.safe_load(print_config(["--config", config], tmp_path, monkeypatch, capsys))
     assert {"trainer", "model", "data", "ema", "checkpoint", "snapshot"} <= printed.keys()
     net = printed["model"]["net"]["init_args"]
-    # Size, channels and classes are linked from the data section, never written twice.
-    assert "sample_size" not in net and "in_channels" not in net and "label_dim" not in net
+    # Size, channels, classes and augment labels are linked from the data section, never written twice.
+    assert not {"sample_size", "in_channels", "label_dim", "augment_dim"} & set(net)
+
+
+@pytest.mark.parametrize("config", ["cifar10.yaml", "cifar10_cond.yaml", "cifar10_ve.yaml"])
+def test_the_cifar10_configs_follow_edms_augmentation_recipe(config, tmp_path, monkeypatch):
+    from vediff.cli.train import VediffCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the configuration comes from `args` alone
+    cli = VediffCLI(VEDiffusion, ImageDataModule, run=False, args=[
+        "--config", str(REPO / "configs" / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--model.net.init_args.model_channels", "8",
+        "--model.net.init_args.num_blocks", "1", "--trainer.logger", "false"])
+    assert cli.datamodule.augment.p == 0.12 and not cli.datamodule.hflip
+    assert cli.datamodule.augment.ops["xflip"] == 1e8  # x-flips on every image, labelled
+    assert cli.model.denoiser.net.augment_dim == 9 and cli.model.denoiser.net.map_augment is not None
 
 
 def test_config_given_as_path_or_bare_name(tmp_path, monkeypatch, capsys):
@@ -203,6 +218,12 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
      "sample_grids.samplers.1: eta: -1.0 must be 0 or more"),
     ([*DIGITS, "--sample_quality.sampler", '{"sampler": "karras_ve", "s_noise": 1e30}'],
      "sample_quality.sampler: s_noise: 1e+30 must be 2 or less"),
+    ([*DIGITS, "--post_hoc_ema.sigma_rels", "[0.05, 0.3]"], "post_hoc_ema.sigma_rels.1: 0.3 must be below 0.2887"),
+    ([*DIGITS, "--post_hoc_ema.snapshot_kimg", "0"], "post_hoc_ema.snapshot_kimg: 0.0 must be above 0"),
+    ([*DIGITS, "--data.augment", "1.5"], "data.augment: 1.5 must be 1 or less (a probability)"),
+    ([*DIGITS, "--data.augment", "0.2", "--data.augment_ops", '{"flip": 1}'],
+     "data.augment_ops: ['flip'] are not transformations"),
+    ([*DIGITS, "--sample_grids.guide", "no_such.ckpt"], "sample_grids.guide: "),
     (["--config", "digits_cond.yaml", "--model.net.init_args.label_dropout", "0"],
      "sample_grids.samplers.1: guidance_scale: 2.0 needs the model's unconditional estimate"),
 ]

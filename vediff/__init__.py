@@ -7,7 +7,7 @@ Layers, each importing only those above it:
     vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry, editing
                        (inpainting, image-to-image) and exact likelihoods over any sampler or denoiser
     vediff.pipelines   diffusers-style schedulers and pipelines, SamplerConfig, denoisers on disk
-    vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics
+    vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics, post-hoc EMA
     vediff.cli         train.py and sample.py
 """
 
@@ -54,6 +54,7 @@ from vediff.training.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.training.data import ImageDataModule
 from vediff.training.losses import EDMLoss, VELoss
 from vediff.training.module import VEDiffusion
+from vediff.training.posthoc_ema import PostHocEMA, reconstruct_ema
 from vediff.utils import ConfigError, append_dims, package_version
 
 __version__ = package_version()
@@ -76,6 +77,7 @@ __all__ = [
     "KarrasVePipeline",
     "KarrasVeScheduler",
     "NonFiniteSamplesError",
+    "PostHocEMA",
     "SampleGrids",
     "SampleQuality",
     "Sampler",
@@ -99,6 +101,7 @@ __all__ = [
     "impute",
     "load_denoiser",
     "log_likelihood",
+    "reconstruct_ema",
     "resample",
     "sample_ddim",
     "sample_dpmpp_2m",

@@ -21,17 +21,18 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from vediff.models.guidance import check_null_label
+from vediff.models.guidance import check_guide, check_null_label
 from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
 from vediff.pipelines.hub import resolve
 from vediff.pipelines.inputs import read_image_files
-from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser_folder, read_checkpoint
+from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser, load_denoiser_folder, read_checkpoint
 from vediff.sampling.grids import grid_size, image_grid, to_uint8
 from vediff.sampling.registry import SAMPLERS, Setting
 from vediff.sampling.seeds import batches, cycle_labels, parse_class_labels, parse_seeds, uniform_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
 from vediff.training.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
+from vediff.training.posthoc_ema import check_sigma_rel, reconstruct_ema
 from vediff.utils import ConfigError, check_writable, fail, first_missing, read_yaml, write_atomically
 
 TRAIN_HINT = "python train.py fit --config digits.yaml"
@@ -79,9 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="network precision (sampler arithmetic stays float32)")
     arg("--compile", action="store_true", help="compile the network with torch.compile (pays off for many batches)")
     arg("--channels-last", action="store_true", help="channels-last memory layout for the network")
+    add_model_arguments(parser)
     add_editing_arguments(parser)
     add_sampler_arguments(parser)
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "weights and guide", "post-hoc EMA: the weight average of any length, reconstructed from the run's snapshots "
+                             "(EDM2); autoguidance by a weaker model of the same task")
+    # Unset flags stay out of the namespace (read with getattr), so --help shows no "default: None" for them.
+    group.add_argument("--ema-std", type=float, metavar="X", default=argparse.SUPPRESS,
+                       help="σ_rel of the average, in (0, 0.289): its width relative to the training time (EDM2 "
+                            "finds 0.05–0.15 best); needs --ckpt of a run trained with post_hoc_ema")
+    group.add_argument("--ema-at", type=float, metavar="KIMG", default=argparse.SUPPRESS,
+                       help="reconstruct at the snapshot of this training time, in thousands of images (default: the "
+                            "newest snapshot)")
+    group.add_argument("--guide", metavar="PATH", default=argparse.SUPPRESS,
+                       help="autoguidance (Karras et al. 2024): guide with --guidance W against this weaker model of "
+                            "the same task (smaller or shorter trained; a .ckpt, a pipeline folder or a diffusers "
+                            "model) instead of the null label; works without class labels")
+    group.add_argument("--guide-ema-std", type=float, metavar="X", default=argparse.SUPPRESS,
+                       help="the guide's post-hoc EMA length σ_rel (needs a --guide run trained with post_hoc_ema)")
 
 
 def add_editing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +153,7 @@ def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
 # Flags that only shape a sampling run's images and files, by their argparse destination: --export samples nothing.
 SAMPLING_ONLY_FLAGS = {"seeds": "--seeds", "class_labels": "--class-labels", "grid": "--grid", "npz": "--npz",
                        "fid": "--fid", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
-                       "resample_steps": "--resample-steps"}
+                       "resample_steps": "--resample-steps", "guide": "--guide", "guide_ema_std": "--guide-ema-std"}
 
 
 def check_flag_combinations(args: argparse.Namespace) -> None:
@@ -361,22 +382,39 @@ def run(args: argparse.Namespace) -> None:
     check_devices(args.device, args.devices)
     export = check_export_folder(args.export, args.overwrite) if args.export is not None else None
     outputs = OutputFolder(args.outdir, args.overwrite) if export is None else None
+    ema_std, ema_at = getattr(args, "ema_std", None), getattr(args, "ema_at", None)
+    if ema_at is not None and ema_std is None:
+        raise ConfigError("--ema-at: needs --ema-std, the length of the average to reconstruct")
+    if ema_std is not None:
+        check_sigma_rel("--ema-std", ema_std)
+    guide_path, guide_ema_std = getattr(args, "guide", None), getattr(args, "guide_ema_std", None)
+    if guide_ema_std is not None:
+        if guide_path is None:
+            raise ConfigError("--guide-ema-std: needs --guide, the run whose average guides")
+        check_sigma_rel("--guide-ema-std", guide_ema_std)
     ckpt = checkpoint_path(args.ckpt)
     if ckpt.is_dir():
         if args.fid:
             raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
                               "checkpoint (.ckpt) instead")
+        if ema_std is not None:
+            raise ConfigError(f"--ema-std: reconstructs from a training run's snapshots, and '{ckpt}' is a pipeline "
+                              "folder; give the run's checkpoint (lightning_logs/<name>/version_<n>/checkpoints/…)")
         denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
     else:
         checkpoint = read_checkpoint(ckpt)
-        denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
+        if ema_std is None:
+            denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
+        else:
+            denoiser = reconstructed(ckpt, ema_std, ema_at, "--ema-std", "--ema-at")
+    guide = load_guide(guide_path, guide_ema_std, denoiser, config.guidance_scale) if guide_path else None
     config.levels(denoiser)  # the whole schedule, built once here: σ range, steps and settings against the model
     classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
-    guided = classes is not None or (args.fid and denoiser.num_classes)
-    if config.guidance_scale != 1:
-        if not guided:
+    labelled = classes is not None or (args.fid and denoiser.num_classes)
+    if config.guidance_scale != 1 and guide is None:
+        if not labelled:
             raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model "
-                              "and the classes to draw)")
+                              "and the classes to draw) or --guide (a guide model)")
         try:
             check_null_label(denoiser, config.guidance_scale)
         except ConfigError as error:
@@ -406,7 +444,8 @@ def run(args: argparse.Namespace) -> None:
     outputs.prepare()
     fabric.launch()
     try:
-        write_samples(fabric, args, config, denoiser, ckpt, seeds, labels, label_source, editing, quality, outputs)
+        write_samples(fabric, args, config, denoiser, guide, ckpt, seeds, labels, label_source, editing, quality,
+                      outputs)
     except KeyboardInterrupt:
         raise
     except BaseException:
@@ -414,7 +453,34 @@ def run(args: argparse.Namespace) -> None:
         raise
 
 
-def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfig, denoiser, ckpt: Path,
+def reconstructed(ckpt: Path, ema_std: float, ema_at: float | None, std_flag: str, at_flag: str):
+    """The run's post-hoc EMA average of length `ema_std` (at `ema_at` kimg), its errors in this command's flags."""
+    try:
+        return reconstruct_ema(ckpt, ema_std, ema_at, field=std_flag)
+    except ConfigError as error:
+        message = str(error)
+        for name, flag in (("sigma_rel: ", std_flag), ("at_kimg: ", at_flag)):
+            message = f"{flag}: {message.removeprefix(name)}" if message.startswith(name) else message
+        raise ConfigError(message) from None
+
+
+def load_guide(path: str, ema_std: float | None, denoiser, guidance_scale: float):
+    """The --guide model (its post-hoc EMA average of `ema_std` if given), checked against the main model."""
+    if guidance_scale == 1:
+        raise ConfigError("--guide: at --guidance 1 the guide is unused; give the guidance scale w (the paper uses "
+                          "about 2)")
+    if ema_std is not None:
+        guide = reconstructed(resolve(path, "--guide"), ema_std, None, "--guide-ema-std", "--guide-ema-std")
+    else:
+        guide = load_denoiser(path, field="--guide")
+    try:
+        check_guide(denoiser, guide)
+    except ConfigError as error:
+        raise ConfigError(f"--{error}") from None
+    return guide
+
+
+def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfig, denoiser, guide, ckpt: Path,
                   seeds: list[int], labels: dict[int, int] | None, label_source: str | None, editing: dict,
                   quality, outputs: OutputFolder) -> None:
     """Sample this process's share of the seeds into `outputs`, then (rank zero) the grid, npz and FID."""
@@ -427,6 +493,8 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
         denoiser = denoiser.to(memory_format=torch.channels_last)
     if args.compile:
         denoiser.net.compile()
+    if guide is not None:
+        guide = guide.to(fabric.device)
     pipeline = config.pipeline(denoiser)
     mine = list(range(len(seeds)))[fabric.global_rank :: fabric.world_size]  # positions in the seed list
     with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
@@ -436,7 +504,8 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
             edits = {name: value[positions] if isinstance(value, np.ndarray) else value
                      for name, value in editing.items()}
             with fabric.autocast():
-                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels, **edits)).numpy()
+                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels, guide=guide,
+                                                  **edits)).numpy()
             for seed, image in zip(chunk, images, strict=True):
                 outputs.write(image_name(seed), png_writer(image))
             bar.update(len(chunk))
@@ -457,13 +526,14 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
                           lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds), **extra))
     seconds = time.perf_counter() - start
     if quality:
-        report_quality(quality, stacked, config, ckpt, outputs, seconds, fabric.device, label_source)
+        report_quality(quality, stacked, config, ckpt, outputs, seconds, fabric.device, label_source,
+                       getattr(args, "guide", None))
     print(f"Wrote {len(seeds)} {'edited ' if editing else ''}images to {outputs.path}/ ({config.sampler}{cost}, "
           f"{seconds:.1f} s)")
 
 
 def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outputs: OutputFolder,
-                   seconds: float, device: torch.device, label_source: str | None) -> None:
+                   seconds: float, device: torch.device, label_source: str | None, guide: str | None) -> None:
     """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
     data, metrics, feature = quality
     statistics = reference_statistics(data, metrics.extractor, feature, device=device)
@@ -478,7 +548,7 @@ def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Pa
         "seconds": round(seconds, 3), "fid": values["fid"], "kid": values["kid"], "kid_std": values["kid_std"],
         "feature": feature, "reference": {"dataset": data.dataset_name, "images": metrics.reference_count},
         "checkpoint": str(ckpt), "class_labels": label_source,
-        "guidance_scale": config.guidance_scale if label_source else None,
+        "guidance_scale": config.guidance_scale if label_source or guide else None, "guide": guide,
     }
     outputs.write("metrics.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     print(f"FID {values['fid']:.3f}, KID {values['kid']:.5f} ({feature} features, {len(images)} images against "

@@ -15,10 +15,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from vediff.pipelines.config import SamplerConfig
 from vediff.pipelines.loading import check_same_shapes, read_checkpoint
+from vediff.training.augment import augment_dim
 from vediff.training.callbacks import HalfLifeEMA, ResumableCheckpoint, SampleGrids, SampleQuality
 from vediff.training.checkpoints import CheckpointWriteError, NonFiniteWeightsError, newest_checkpoint
 from vediff.training.data import ImageDataModule, resolve_channels
 from vediff.training.module import NonFiniteLossError, VEDiffusion
+from vediff.training.posthoc_ema import PostHocEMA
 from vediff.utils import ConfigError, check_writable, fail, first_missing, read_yaml
 
 
@@ -36,10 +38,13 @@ class VediffCLI(LightningCLI):
         # The data decides image size and channels; the network is never told twice.
         parser.link_arguments("data.image_size", "model.net.init_args.sample_size")
         parser.link_arguments("data.num_classes", "model.net.init_args.label_dim")
+        parser.link_arguments(("data.augment", "data.augment_ops"), "model.net.init_args.augment_dim",
+                              compute_fn=augment_dim)
         parser.link_arguments(
             ("data.dataset", "data.channels"), "model.net.init_args.in_channels", compute_fn=resolve_channels
         )
         parser.add_lightning_class_args(HalfLifeEMA, "ema")
+        parser.add_lightning_class_args(PostHocEMA, "post_hoc_ema")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "snapshot")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -62,7 +67,7 @@ class VediffCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         check_accelerator(config.trainer)
         check_sampler_blocks(config)
         logger_args = getattr(config.trainer.get("logger"), "init_args", None)
@@ -78,7 +83,7 @@ class VediffCLI(LightningCLI):
             check_writable(config.data.root, "data.root")
             if config.get("ckpt_path") == "last":
                 self._resume_newest_run(config)
-        else:
+        elif self.subcommand is not None:
             self._checkpoint_to_evaluate(config)
 
     # Overrides LightningCLI._parse_ckpt_path of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).

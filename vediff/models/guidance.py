@@ -1,10 +1,13 @@
-"""Class conditioning at sampling time: one-hot labels bound to a denoiser, and classifier-free guidance.
+"""Conditioning at sampling time: one-hot labels bound to a denoiser, and guidance, classifier-free or by a guide.
 
-Guidance is a denoiser wrapper, so samplers never see it: they call a plain D(x, sigma).
+Both kinds of guidance are one formula, D_w = D_ref + w·(D − D_ref), over a reference D_ref: the same model without
+its label (classifier-free guidance, Ho & Salimans 2022) or a weaker model of the same task (autoguidance, Karras et
+al. 2024). Guidance is a denoiser wrapper, so samplers never see it: they call a plain D(x, sigma).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,40 +50,73 @@ def check_null_label(denoiser: Denoiser, guidance_scale: float) -> None:
                           "sample it with guidance_scale 1")
 
 
-# Ho & Salimans (2022) classifier-free guidance, with the scale convention of diffusers and Imagen (w = 1: no guidance).
-def guided(denoiser: Denoiser, guidance_scale: float) -> Denoiser:
-    """D_w(x; σ, c) = D(x; σ, ∅) + w·(D(x; σ, c) − D(x; σ, ∅)), the two terms from one batched forward pass.
+def check_guide(denoiser: Denoiser, guide: Denoiser) -> None:
+    """Refuse a guide that is not a model of the main model's task: another image shape, channel count, set of
+    classes, σ range or data range."""
+    for what in ("sample_size", "in_channels", "num_classes", "sigma_min", "sigma_max", "data_range"):
+        main, other = getattr(denoiser, what, None), getattr(guide, what, None)
+        if main is None or other is None:
+            continue
+        same = (all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(main, other, strict=True))
+                if what == "data_range" else math.isclose(main, other, rel_tol=1e-6))
+        if not same:
+            raise ConfigError(f"guide: its {what} is {other} and the main model's is {main}; a guide is a weaker model "
+                              "of the same task (same image size, channels, classes and σ range)")
 
-    w = 1 is plain conditional sampling and w = 0 unconditional (each then costs one pass); the null label ∅ is a row
-    of zeros.
+
+# Ho & Salimans (2022) classifier-free guidance and Karras et al. (2024) autoguidance, with the scale convention of
+# diffusers and Imagen (w = 1: no guidance).
+def guided(denoiser: Denoiser, guidance_scale: float, guide: Denoiser | None = None) -> Denoiser:
+    """D_w(x; σ, c) = D_ref(x; σ, c) + w·(D(x; σ, c) − D_ref(x; σ, c)).
+
+    The reference D_ref is `guide` where one is given (autoguidance: two networks, two evaluations, labels optional),
+    else `denoiser` itself with the null label ∅, a row of zeros (classifier-free guidance: both terms from one batched
+    forward pass; without labels there is nothing to guide and D is returned). w = 1 is D alone and w = 0 is D_ref
+    alone, each one evaluation.
     """
     check_guidance_scale(guidance_scale)
 
-    def denoise(x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None):
-        if class_labels is None or guidance_scale == 1:
-            return denoiser(x, sigma, class_labels)
-        if guidance_scale == 0:
-            return denoiser(x, sigma, torch.zeros_like(class_labels))
+    def reference(x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None):
+        if guide is not None:
+            return guide(x, sigma, class_labels)
+        return denoiser(x, sigma, torch.zeros_like(class_labels))
+
+    def main_and_reference(x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None):
+        if guide is not None:
+            return denoiser(x, sigma, class_labels), guide(x, sigma, class_labels)
         both = denoiser(torch.cat([x, x]), sigma_batch(sigma, x).repeat(2),
                         torch.cat([class_labels, torch.zeros_like(class_labels)]))
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return both.chunk(2)
+
+    def denoise(x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None):
+        if guidance_scale == 1 or (guide is None and class_labels is None):
+            return denoiser(x, sigma, class_labels)
+        if guidance_scale == 0:
+            return reference(x, sigma, class_labels)
+        main, ref = main_and_reference(x, sigma, class_labels)
+        return ref + guidance_scale * (main - ref)
 
     return denoise
 
 
 def conditioned(
     denoiser: Denoiser, class_labels: ClassLabels | None, guidance_scale: float, batch_size: int,
-    device: torch.device,
+    device: torch.device, guide: Denoiser | None = None,
 ) -> Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]:
-    """The plain D(x, sigma) a sampler walks: `denoiser` with a batch's labels bound, guided by `guidance_scale`."""
-    if class_labels is None:
-        check_guidance_scale(guidance_scale)
+    """The plain D(x, sigma) a sampler walks: `denoiser` with a batch's labels bound, guided by `guidance_scale`
+    against the null label or, given one, against `guide`."""
+    check_guidance_scale(guidance_scale)
+    if guide is not None:
+        check_guide(denoiser, guide)
+    elif class_labels is None:
         if guidance_scale != 1:
-            raise ValueError(f"guidance_scale: {guidance_scale} needs class_labels; without labels sampling is "
-                             "unconditional and the scale has nothing to guide")
+            raise ValueError(f"guidance_scale: {guidance_scale} needs class_labels or a guide; without either, "
+                             "sampling is unconditional and the scale has nothing to guide")
         return denoiser
-    check_null_label(denoiser, guidance_scale)
-    labels = one_hot(class_labels, getattr(denoiser, "num_classes", 0), batch_size, device)
-    guided_denoiser = guided(denoiser, guidance_scale)
+    else:
+        check_null_label(denoiser, guidance_scale)
+    labels = None
+    if class_labels is not None:
+        labels = one_hot(class_labels, getattr(denoiser, "num_classes", 0), batch_size, device)
+    guided_denoiser = guided(denoiser, guidance_scale, guide)
     return lambda x, sigma: guided_denoiser(x, sigma, labels)

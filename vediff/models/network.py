@@ -139,6 +139,9 @@ class UNet2D(nn.Module):
             a row of zeros is the null label that classifier-free guidance needs.
         label_dropout: Probability, in training, of replacing an image's label by the null label (EDM: 0 for its
             conditional models; 0.1–0.2 trains a model for guidance).
+        augment_dim: Length of the augment labels of non-leaking augmentation (EDM: 9; 0 without augmentation,
+            which adds no weights). They enter like the class labels, through a linear map without bias into the
+            noise embedding, so zero labels, as at sampling, are exactly the network without them.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class UNet2D(nn.Module):
         channels_per_head: int = 64,
         label_dim: int = 0,
         label_dropout: float = 0.0,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         self.config = dict(
@@ -173,6 +177,8 @@ class UNet2D(nn.Module):
             label_dim=label_dim,
             label_dropout=label_dropout,
         )
+        if augment_dim:  # recorded only when used, so the configs of networks without it stay as they were
+            self.config["augment_dim"] = augment_dim
         _check_config(**self.config)
         self.sample_size = sample_size
         self.in_channels = in_channels
@@ -186,6 +192,11 @@ class UNet2D(nn.Module):
         # EDM's SongUNet: a linear class embedding added to the noise embedding (absent, so no new weights, if
         # unconditional).
         self.map_label = _init(nn.Linear(label_dim, noise_channels)) if label_dim else None
+        # EDM's SongUNet: augment labels through a bias-free linear map, so zero labels change nothing.
+        self.augment_dim = augment_dim
+        self.map_augment = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
+        if self.map_augment is not None:
+            nn.init.xavier_uniform_(self.map_augment.weight)
         self.map_layer0 = _init(nn.Linear(noise_channels, emb_channels))
         self.map_layer1 = _init(nn.Linear(emb_channels, emb_channels))
 
@@ -226,11 +237,16 @@ class UNet2D(nn.Module):
         self.output_conv = _init(nn.Conv2d(channels, in_channels, 3, padding=1), scale=0)
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = self.map_noise(noise_labels.reshape(-1).expand(x.shape[0]))
         if self.map_label is not None:
             emb = emb + self.map_label(self._labels(class_labels, x).to(emb.dtype))
+        if augment_labels is not None and self.map_augment is None:
+            raise ValueError("augment_labels given, but this network has no augment_dim; build it with augment_dim")
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(x.dtype)))))
         x = self.input_conv(x)
         skips = [x]
@@ -259,7 +275,7 @@ class UNet2D(nn.Module):
 def _check_config(
     sample_size: int, in_channels: int, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
     attn_resolutions: Sequence[int], dropout: float, channels_per_head: int, label_dim: int = 0,
-    label_dropout: float = 0.0, **_: object,
+    label_dropout: float = 0.0, augment_dim: int = 0, **_: object,
 ) -> None:
     """Raise a ConfigError naming the first UNet2D argument that cannot build a network."""
     field = "model.net.init_args"
@@ -289,6 +305,8 @@ def _check_config(
         raise ConfigError(f"{field}.label_dim: {label_dim} must be 0 (unconditional) or a number of classes")
     if not 0 <= label_dropout < 1:
         raise ConfigError(f"{field}.label_dropout: {label_dropout} must be in [0, 1)")
+    if augment_dim < 0:
+        raise ConfigError(f"{field}.augment_dim: {augment_dim} must be 0 (no augmentation) or more")
 
 
 # The networks that checkpoints and pipeline folders may name, by class path (module paths of earlier vediff versions

@@ -98,13 +98,15 @@ class Precond(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         conditioning = () if class_labels is None else (class_labels,)
-        F_x = self.net(append_dims(c_in, x.ndim) * x, c_noise, *conditioning)
+        augmented = {} if augment_labels is None else {"augment_labels": augment_labels}  # training only
+        F_x = self.net(append_dims(c_in, x.ndim) * x, c_noise, *conditioning, **augmented)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x.to(torch.float32)
 
 

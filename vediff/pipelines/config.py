@@ -31,8 +31,8 @@ COMMON_SETTINGS = (
     Setting("sigma_min", float | None, None, "smallest noise level (default: the model's training range)"),
     Setting("sigma_max", float | None, None, "largest noise level (default: the model's training range)"),
     Setting("guidance_scale", float, 1.0,
-            "classifier-free guidance w for class-conditional models (1: plain conditional, 0: unconditional); "
-            "unused without class labels"),
+            "guidance w: classifier-free for class-conditional models (1: plain conditional, 0: unconditional), or "
+            "autoguidance against a guide model; unused without class labels or a guide"),
 )
 
 
@@ -120,14 +120,20 @@ class _SamplerConfigMethods:
         return pipeline
 
     def generate(
-        self, pipeline: ImagePipeline, seeds: Sequence[int], class_labels: Sequence[int] | None = None, **kwargs: Any
+        self, pipeline: ImagePipeline, seeds: Sequence[int], class_labels: Sequence[int] | None = None,
+        guide: Any = None, **kwargs: Any,
     ) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] for `seeds` (and their `class_labels`), one seeded CPU generator per image."""
+        """Images (B, C, H, W) in [0, 1] for `seeds` (and their `class_labels`), one seeded CPU generator per image;
+        `guidance_scale` guides against the null label, or against `guide` (autoguidance) where one is given."""
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         settings = self.settings
         extra = {name: settings[name] for name in pipeline.call_settings}
         if class_labels is not None:
-            extra.update(class_labels=list(class_labels), guidance_scale=self.guidance_scale)
+            extra["class_labels"] = list(class_labels)
+        if guide is not None:
+            extra["guide"] = guide
+        if class_labels is not None or guide is not None:
+            extra["guidance_scale"] = self.guidance_scale
         return pipeline(batch_size=len(seeds), num_inference_steps=self.num_steps, generator=generators,
                         output_type="pt", **extra, **kwargs).images
 

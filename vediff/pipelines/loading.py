@@ -95,6 +95,24 @@ def check_finite_weights(denoiser: torch.nn.Module, path: str | Path, field: str
                           "an earlier checkpoint of the run, or train again with a lower learning rate")
 
 
+def denoiser_from_config(config: dict[str, Any], source: str | Path, prefix: str = "") -> Precond:
+    """A freshly initialised denoiser from a configuration written by `precond_config` (read from `source`, which
+    errors name after `prefix`); only the preconditionings and networks vediff knows are built."""
+    precond, net_spec = config.get("_class_name"), config.get("net")
+    network = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
+    init_args = net_spec.get("init_args", {}) if isinstance(net_spec, dict) else None
+    if precond not in PRECONDITIONING_NAMES or network not in NETWORKS or not isinstance(init_args, dict):
+        raise ConfigError(f"{prefix}'{source}' names {precond!r} over {network!r}; vediff knows "
+                          f"{', '.join(PRECONDITIONING_NAMES)} over {', '.join(sorted(NETWORKS))}, with \"net\" "
+                          "written as {\"class_path\": ..., \"init_args\": {...}} (save the pipeline again)")
+    args = {k: v for k, v in config.items() if k not in ("_class_name", "net")}
+    try:
+        return build_denoiser(precond, NETWORKS[network](**init_args), **args)
+    except (ConfigError, TypeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{prefix}'{source}' cannot build its network ({first})") from None
+
+
 def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | ExternalDenoiser:
     """The denoiser of a pipeline folder (vediff's or diffusers'), in eval mode on the CPU.
 
@@ -106,31 +124,18 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | Exter
         check_finite_weights(denoiser, folder, field)
         return denoiser
     config = read_json(folder / UNET_CONFIG, field)
-    precond, net_spec = config.get("_class_name"), config.get("net")
-    network = net_spec.get("class_path") if isinstance(net_spec, dict) else net_spec
-    init_args = net_spec.get("init_args", {}) if isinstance(net_spec, dict) else None
-    if precond not in PRECONDITIONING_NAMES or network not in NETWORKS or not isinstance(init_args, dict):
-        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' names {precond!r} over {network!r}; vediff knows "
-                          f"{', '.join(PRECONDITIONING_NAMES)} over {', '.join(sorted(NETWORKS))}, with \"net\" "
-                          "written as {\"class_path\": ..., \"init_args\": {...}} (save the pipeline again)")
     weights_path = folder / UNET_WEIGHTS
     if not weights_path.is_file():
         raise ConfigError(f"{prefix}'{weights_path}' is missing; write the folder again with save_pretrained")
+    denoiser = denoiser_from_config(config, folder / UNET_CONFIG, prefix)
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise ConfigError(f"{prefix}'{weights_path}' is not a readable safetensors file ({error}); it may be "
                           "truncated or something else under that name; save the pipeline again") from None
-    args = {k: v for k, v in config.items() if k not in ("_class_name", "net")}
-    try:
-        net = NETWORKS[network](**init_args)
-        denoiser = build_denoiser(precond, net, **args)
-    except (ConfigError, TypeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise ConfigError(f"{prefix}'{folder / UNET_CONFIG}' cannot build its network ({first})") from None
-    check_same_shapes({name: tuple(w.shape) for name, w in weights.items()}, net, weights_path, field=field or "unet",
-                      hint=f"its weights do not fit {UNET_CONFIG}; save the pipeline again")
-    net.load_state_dict(weights)
+    check_same_shapes({name: tuple(w.shape) for name, w in weights.items()}, denoiser.net, weights_path,
+                      field=field or "unet", hint=f"its weights do not fit {UNET_CONFIG}; save the pipeline again")
+    denoiser.net.load_state_dict(weights)
     check_finite_weights(denoiser, weights_path, field)
     return denoiser.eval()
 

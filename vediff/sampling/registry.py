@@ -181,7 +181,7 @@ register(Sampler(
         Setting("eta", float, 0.0, "η: 0 deterministic, 1 DDPM-like", at_least=0),
         Setting("spacing", Spacing, "leading", "timestep spacing: leading, trailing, linspace or quadratic"),
         Setting("clip_sample", bool, True,
-                "clip the predicted x̂_0 to [−1, 1] as diffusers does; turn off for guidance, whose x̂_0 may leave it"),
+                "clip the predicted x̂_0 to [−1, 1] as diffusers does (when guiding, ε̂ is clipped with it)"),
     ),
     uses_sigma_range=False,
     max_steps=DDIM_TRAIN_STEPS,

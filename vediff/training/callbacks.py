@@ -17,8 +17,9 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vediff.models.guidance import check_null_label
+from vediff.models.guidance import check_guide, check_null_label
 from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.loading import load_denoiser
 from vediff.pipelines.pipelines import NonFiniteSamplesError
 from vediff.sampling.grids import image_grid
 from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
@@ -172,6 +173,9 @@ class SampleGrids(Callback):
         seed: Seed of the first image.
         min_size: Small images are enlarged by a whole nearest-neighbour factor until the grid is this many pixels
             wide, so 8×8 digits stay readable; 0 keeps the native size.
+        guide: A guide model for autoguidance (Karras et al. 2024): a `.ckpt`, a pipeline folder or a diffusers
+            model of the same task, smaller or shorter trained. Samplers whose `guidance_scale` is not 1 are then
+            guided against it instead of the null label.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class SampleGrids(Callback):
         num_images: int = 64,
         seed: int = 0,
         min_size: int = 512,
+        guide: str | None = None,
     ) -> None:
         samplers = [SamplerConfig()] if samplers is None else samplers
         labels = [config.label for config in samplers]
@@ -195,14 +200,22 @@ class SampleGrids(Callback):
         self.num_images = num_images
         self.seed = seed
         self.min_size = min_size
+        self.guide = guide
+        self.guide_model: torch.nn.Module | None = None  # loaded at setup, never part of a checkpoint
         self.validations = 0
         self.folder: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # trainer.log_dir is a collective (a broadcast from rank zero): asked here, on every rank, not in `draw`.
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if self.guide is not None and self.guide_model is None:
+            self.guide_model = load_denoiser(self.guide, field="sample_grids.guide")
+            try:
+                check_guide(pl_module.denoiser, self.guide_model)
+            except ConfigError as error:
+                raise ConfigError(f"sample_grids.{error}") from None
         for i, config in enumerate(self.samplers):
-            check_sampler(config, pl_module.denoiser, f"sample_grids.samplers.{i}")
+            check_sampler(config, pl_module.denoiser, f"sample_grids.samplers.{i}", guided=self.guide is not None)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -219,11 +232,13 @@ class SampleGrids(Callback):
         # A class-conditional model draws image i as class i mod K, one row per class in the grid.
         labels = cycle_labels(range(denoiser.num_classes), self.num_images) if denoiser.num_classes else None
         step = trainer.global_step
+        guide = self.guide_model.to(next(denoiser.parameters()).device) if self.guide_model is not None else None
         for config in self.samplers:
             start = time.perf_counter()
             try:
                 with trainer.precision_plugin.forward_context():
-                    images = config.generate(config.pipeline(denoiser), seeds, class_labels=labels)
+                    images = config.generate(config.pipeline(denoiser), seeds, class_labels=labels,
+                                             guide=guide if config.guidance_scale != 1 else None)
             except NonFiniteSamplesError as error:  # a diverging run early on must not end training
                 rank_zero_warn(f"sample_grids: no {config.label} grid at step {step}: {error}")
                 continue
@@ -247,13 +262,13 @@ class SampleGrids(Callback):
         self.validations = state_dict["validations"]
 
 
-def check_sampler(config: SamplerConfig, denoiser: torch.nn.Module, field: str) -> None:
+def check_sampler(config: SamplerConfig, denoiser: torch.nn.Module, field: str, guided: bool = False) -> None:
     """A callback's sampler block checked against the model at setup, so a mistake stops the run before training
-    rather than at its first validation: its schedule over the model's σ range, and guidance on a conditional model
-    that learnt the null label."""
+    rather than at its first validation: its schedule over the model's σ range, and classifier-free guidance (without
+    a guide) only on a conditional model that learnt the null label."""
     try:
         config.levels(denoiser)
-        if denoiser.num_classes:
+        if denoiser.num_classes and not guided:
             check_null_label(denoiser, config.guidance_scale)
     except ConfigError as error:
         raise ConfigError(f"{field}: {error}") from None

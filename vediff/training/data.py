@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
+from vediff.training.augment import Augment
 from vediff.utils import IMAGE_FILE_ERRORS, ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -220,7 +221,14 @@ class ImageDataModule(L.LightningDataModule):
         channels: 1 (grayscale) or 3 (RGB); by default the dataset's own (1 for digits, 3 otherwise).
         batch_size: Images per batch on each device.
         num_workers: DataLoader worker processes per device (0 loads in the main process).
-        hflip: Randomly flip training images horizontally.
+        hflip: Randomly flip training images horizontally (a flip the samples then show too; `augment`'s x-flips
+            do not leak into them).
+        augment: Probability p of EDM's non-leaking augmentation (Karras et al. 2022, App. C.4;
+            `vediff.training.augment`), in [0, 1]: each transformation of `augment_ops` is drawn with probability p,
+            and the network is told which (its `augment_dim` follows). EDM's CIFAR-10 recipe: 0.12. 0: off.
+        augment_ops: The transformations and their probability multipliers (each drawn with probability
+            min(1, p·multiplier)): xflip, yflip, translate_int, scale, rotate, aniso, translate. Default: EDM's
+            CIFAR-10 set, {xflip: 1e8 (every image), yflip, scale, rotate, aniso, translate: 1}.
         val_size: Images held out for validation (a fixed, seeded split of the training set).
         seed: Seed of the train/validation split.
         hf_name: Hugging Face dataset path or builder name (e.g. "uoft-cs/cifar10", or "imagefolder" with hf_data_dir).
@@ -246,6 +254,8 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         hflip: bool = False,
+        augment: float = 0.0,
+        augment_ops: dict[str, float] | None = None,
         val_size: int = 256,
         seed: int = 0,
         hf_name: str = "uoft-cs/cifar10",
@@ -281,6 +291,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.hflip = hflip
+        self.augment = Augment(augment, augment_ops)
         self.val_size = val_size
         self.seed = seed
         self.hf = dict(name=hf_name, data_dir=hf_data_dir, split=hf_split, revision=hf_revision, cache_dir=hf_cache_dir,
@@ -480,4 +491,7 @@ class ImageDataModule(L.LightningDataModule):
             images = batch["images"]
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             batch = {**batch, "images": torch.where(flip[:, None, None, None], images.flip(-1), images)}
+        if self.augment.dim and training:  # on the device, after the transfer: one affine resampling per batch
+            images, labels = self.augment(batch["images"])
+            batch = {**batch, "images": images, "augment_labels": labels}
         return batch

@@ -41,9 +41,11 @@ class DenoisingLoss:
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-image loss of `denoiser` on clean `images`; σ and n are drawn unless given. `class_labels` (one-hot,
-        for conditional models) pass through to the denoiser."""
+        for conditional models) and `augment_labels` (of augmented images, `vediff.training.augment`) pass through
+        to the denoiser."""
         if sigma is None:
             sigma = self.sample_sigma(images.shape[0], images.device)
         if noise is None:
@@ -51,7 +53,8 @@ class DenoisingLoss:
         images = images.to(torch.float32)
         sigma = sigma.to(torch.float32)
         conditioning = () if class_labels is None else (class_labels,)
-        denoised = denoiser(images + append_dims(sigma, images.ndim) * noise, sigma, *conditioning)
+        augmented = {} if augment_labels is None else {"augment_labels": augment_labels}
+        denoised = denoiser(images + append_dims(sigma, images.ndim) * noise, sigma, *conditioning, **augmented)
         squared_error = (denoised - images).square().flatten(1).mean(dim=1)
         return self.weight(sigma) * squared_error
 

@@ -125,7 +125,8 @@ class VEDiffusion(L.LightningModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.images_per_step = images.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        loss = self.loss_fn(self.denoiser, images, class_labels=class_labels).mean()
+        augment_labels = batch.get("augment_labels") if isinstance(batch, dict) else None
+        loss = self.loss_fn(self.denoiser, images, class_labels=class_labels, augment_labels=augment_labels).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/kimg", (self.images_seen + self.images_per_step) / 1000, on_step=True, on_epoch=False)
         # Wall time between consecutive steps covers the whole loop: data, forward, backward, optimizer, callbacks.
