@@ -214,6 +214,11 @@ BAD.update({  # post-hoc EMA
 BAD.update({  # autoguidance
     "a guide's EMA length without a guide": (["--ckpt", "{good}", "--guide-ema-std", "0.1"],
                                              "--guide-ema-std: needs --guide"),
+    "a guide's EMA time without its length": (["--ckpt", "{good}", "--guide", "{good}", "--guide-ema-at", "1"],
+                                              "--guide-ema-at: needs --guide-ema-std"),
+    "a guide's EMA time with no snapshot": (["--ckpt", "{good}", "--guide", "{good}", "--guide-ema-std", "0.1",
+                                             "--guide-ema-at", "7", "--guidance", "2"],
+                                            "--guide-ema-at: no snapshot at 7 kimg"),
     "a guide at guidance 1": (["--ckpt", "{good}", "--guide", "{good}"],
                               "--guide: at --guidance 1 the guide is unused"),
     "a guide of another noise range": (["--ckpt", "{good}", "--guide", "{other_range}", "--guidance", "2"],

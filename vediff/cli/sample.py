@@ -103,6 +103,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "model) instead of the null label; works without class labels")
     group.add_argument("--guide-ema-std", type=float, metavar="X", default=argparse.SUPPRESS,
                        help="the guide's post-hoc EMA length σ_rel (needs a --guide run trained with post_hoc_ema)")
+    group.add_argument("--guide-ema-at", type=float, metavar="KIMG", default=argparse.SUPPRESS,
+                       help="the guide's average at this earlier training time: the main run itself, earlier, is a "
+                            "guide that costs no training")
 
 
 def add_editing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +156,8 @@ def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
 # Flags that only shape a sampling run's images and files, by their argparse destination: --export samples nothing.
 SAMPLING_ONLY_FLAGS = {"seeds": "--seeds", "class_labels": "--class-labels", "grid": "--grid", "npz": "--npz",
                        "fid": "--fid", "init_image": "--init-image", "mask": "--mask", "strength": "--strength",
-                       "resample_steps": "--resample-steps", "guide": "--guide", "guide_ema_std": "--guide-ema-std"}
+                       "resample_steps": "--resample-steps", "guide": "--guide", "guide_ema_std": "--guide-ema-std",
+                       "guide_ema_at": "--guide-ema-at"}
 
 
 def check_flag_combinations(args: argparse.Namespace) -> None:
@@ -388,6 +392,9 @@ def run(args: argparse.Namespace) -> None:
     if ema_std is not None:
         check_sigma_rel("--ema-std", ema_std)
     guide_path, guide_ema_std = getattr(args, "guide", None), getattr(args, "guide_ema_std", None)
+    guide_ema_at = getattr(args, "guide_ema_at", None)
+    if guide_ema_at is not None and guide_ema_std is None:
+        raise ConfigError("--guide-ema-at: needs --guide-ema-std, the length of the guide's average")
     if guide_ema_std is not None:
         if guide_path is None:
             raise ConfigError("--guide-ema-std: needs --guide, the run whose average guides")
@@ -407,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
             denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
         else:
             denoiser = reconstructed(ckpt, ema_std, ema_at, "--ema-std", "--ema-at")
-    guide = load_guide(guide_path, guide_ema_std, denoiser, config.guidance_scale) if guide_path else None
+    guide = load_guide(guide_path, guide_ema_std, guide_ema_at, denoiser, config.guidance_scale) if guide_path else None
     config.levels(denoiser)  # the whole schedule, built once here: σ range, steps and settings against the model
     classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
     labelled = classes is not None or (args.fid and denoiser.num_classes)
@@ -464,13 +471,14 @@ def reconstructed(ckpt: Path, ema_std: float, ema_at: float | None, std_flag: st
         raise ConfigError(message) from None
 
 
-def load_guide(path: str, ema_std: float | None, denoiser, guidance_scale: float):
-    """The --guide model (its post-hoc EMA average of `ema_std` if given), checked against the main model."""
+def load_guide(path: str, ema_std: float | None, ema_at: float | None, denoiser, guidance_scale: float):
+    """The --guide model (its post-hoc EMA average of `ema_std` at `ema_at` if given), checked against the main
+    model."""
     if guidance_scale == 1:
         raise ConfigError("--guide: at --guidance 1 the guide is unused; give the guidance scale w (the paper uses "
                           "about 2)")
     if ema_std is not None:
-        guide = reconstructed(resolve(path, "--guide"), ema_std, None, "--guide-ema-std", "--guide-ema-std")
+        guide = reconstructed(resolve(path, "--guide"), ema_std, ema_at, "--guide-ema-std", "--guide-ema-at")
     else:
         guide = load_denoiser(path, field="--guide")
     try:
@@ -486,6 +494,8 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
     """Sample this process's share of the seeds into `outputs`, then (rank zero) the grid, npz and FID."""
     # Editing runs part of the schedule (strength) or steps again (resampling): the registry's count does not apply.
     cost = "" if editing else f", {config.nfe} network evaluations per image"
+    if guide is not None and not editing:  # autoguidance evaluates the guide as often as the main model
+        cost = f", {config.nfe} evaluations of each network (main and guide) per image"
     fabric.print(f"{'Editing images with' if editing else 'Sampling'} {ckpt} with {config.sampler}{cost}")
     start = time.perf_counter()
     denoiser = denoiser.to(fabric.device)
