@@ -43,8 +43,8 @@ def check_count(field: str, value: int, at_least: int, at_most: int | None = Non
     """Raise ConfigError unless `value` is an integer of at least `at_least` (and at most `at_most`, for `why`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
         raise ConfigError(f"{field}: {value!r} must be a whole number, {at_least} or more")
-    if at_most is not None and value > at_most:
-        raise ConfigError(f"{field}: {value} must be {at_most} or less{f' ({why})' if why else ''}")
+    if at_most is not None:
+        check_number(field, value, at_most=at_most, why=why)
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, Any]]) -> str | None:

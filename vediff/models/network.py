@@ -243,9 +243,9 @@ class UNet2D(nn.Module):
         emb = self.map_noise(noise_labels.reshape(-1).expand(x.shape[0]))
         if self.map_label is not None:
             emb = emb + self.map_label(self._labels(class_labels, x).to(emb.dtype))
-        if augment_labels is not None and self.map_augment is None:
-            raise ValueError("augment_labels given, but this network has no augment_dim; build it with augment_dim")
-        if self.map_augment is not None and augment_labels is not None:
+        if augment_labels is not None:
+            if self.map_augment is None:
+                raise ValueError("augment_labels given, but this network has no augment_dim; build it with augment_dim")
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(x.dtype)))))
         x = self.input_conv(x)

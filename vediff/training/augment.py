@@ -97,10 +97,9 @@ class Augment:
             drawn = self._drawn(op, n, device, generator)
             if op in ("xflip", "yflip"):
                 labels[op] = [drawn * torch.randint(2, (n,), device=device, generator=generator).float()]
-            elif op == "translate_int":
-                labels[op] = [drawn * uniform(-1, 1), drawn * uniform(-1, 1)]
-                labels[op] = [torch.round(v * images.shape[-1] * TRANSLATE_INT_MAX) / (images.shape[-1]
-                              * TRANSLATE_INT_MAX) for v in labels[op]]
+            elif op == "translate_int":  # whole pixels, in units of the largest shift along each axis
+                reach = [size * TRANSLATE_INT_MAX for size in (images.shape[-1], images.shape[-2])]
+                labels[op] = [torch.round(drawn * uniform(-1, 1) * r) / r for r in reach]
             elif op == "scale":
                 labels[op] = [drawn * normal()]
             elif op == "rotate":
@@ -132,13 +131,13 @@ class Augment:
         device = next(iter(parts.values())).device
         matrix = torch.eye(3, device=device).repeat(n, 1, 1)
 
-        def then(linear: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> None:
+        def then(linear: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
             step = torch.eye(3, device=device).repeat(n, 1, 1)
             if linear is not None:
                 step[:, :2, :2] = linear
             if shift is not None:
                 step[:, :2, 2] = shift
-            matrix.copy_(step @ matrix)
+            return step @ matrix
 
         def rotation(angle: torch.Tensor) -> torch.Tensor:
             cos, sin = angle.cos(), angle.sin()
@@ -146,18 +145,18 @@ class Augment:
 
         if "scale" in parts:
             zoom = torch.exp2(SCALE_STD * parts["scale"][:, 0])
-            then(torch.diag_embed(torch.stack([zoom, zoom], -1)))
+            matrix = then(torch.diag_embed(torch.stack([zoom, zoom], -1)))
         if "rotate" in parts:
-            then(rotation(torch.atan2(parts["rotate"][:, 1], parts["rotate"][:, 0] + 1)))
+            matrix = then(rotation(torch.atan2(parts["rotate"][:, 1], parts["rotate"][:, 0] + 1)))
         if "aniso" in parts:
             w = parts["aniso"].norm(dim=1)
             r = torch.atan2(parts["aniso"][:, 1], parts["aniso"][:, 0]) / 2
             stretch = torch.exp2(ANISO_STD * w)
             axes = rotation(r)
-            then(axes @ torch.diag_embed(torch.stack([stretch, 1 / stretch], -1)) @ axes.transpose(1, 2))
+            matrix = then(axes @ torch.diag_embed(torch.stack([stretch, 1 / stretch], -1)) @ axes.transpose(1, 2))
         if "translate" in parts:
             height, width = size
-            then(shift=parts["translate"] * torch.tensor([width, height], device=device) * TRANSLATE_STD)
+            matrix = then(shift=parts["translate"] * torch.tensor([width, height], device=device) * TRANSLATE_STD)
         return matrix
 
     def apply(self, images: torch.Tensor, labels: torch.Tensor, inverse: bool = False) -> torch.Tensor:
