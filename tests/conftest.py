@@ -63,6 +63,41 @@ def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, time
     )
 
 
+# Runs a script with one function wrapped so that the process signals itself right after that function's Nth call
+# returns: a real signal at a chosen moment of the run, instead of one sent after a guessed sleep.
+SIGNAL_AFTER_CALL = """
+import os, runpy, sys
+from importlib import import_module
+module, _, attribute = {target!r}.partition(":")
+owner_name, _, name = attribute.rpartition(".")
+owner = import_module(module)
+for part in filter(None, owner_name.split(".")):
+    owner = getattr(owner, part)
+original, calls = getattr(owner, name), 0
+def wrapped(*args, **kwargs):
+    global calls
+    result = original(*args, **kwargs)
+    calls += 1
+    if calls == {call}:
+        os.kill(os.getpid(), {signum})
+    return result
+setattr(owner, name, wrapped)
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def start_with_signal(script: str, *args: str, cwd: Path, target: str, call: int, signum: int,
+                      stderr: Path) -> subprocess.Popen:
+    """Start `python <repo>/<script> args…` in `cwd` with `target` ("module:Class.method") wrapped so that the
+    process sends itself `signum` right after the target's `call`-th call returns; stderr goes to the file `stderr`."""
+    wrapper = cwd / f"signal_after_{call}.py"
+    wrapper.write_text(SIGNAL_AFTER_CALL.format(target=target, call=call, signum=int(signum),
+                                                script=str(REPO / script)))
+    return subprocess.Popen([sys.executable, str(wrapper), *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=stderr.open("w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def tree(folder: Path) -> list[tuple[str, int]]:
     """Every path below `folder` with its size (-1 for folders): compared before and after a refused command."""
     return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))

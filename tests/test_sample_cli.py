@@ -7,14 +7,12 @@ import os
 import pickle
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_DIGITS, Trap, run_script, tree, write_hostile_pngs
+from conftest import TINY_DIGITS, Trap, run_script, start_with_signal, tree, write_hostile_pngs
 from PIL import Image
 
 from vediff import ConfigError
@@ -356,23 +354,18 @@ def test_a_full_disk_is_one_line_exit_1_and_removes_the_runs_files(checkpoint, t
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_only_whole_images(checkpoint, tmp_path):
-    outdir = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "sample.py"), "--ckpt", str(checkpoint), "--outdir", str(outdir),
-         "--seeds", "0-99999", "--batch-size", "1", "--steps", "4"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 120
-    while len(list(outdir.glob("*.png"))) < 3:
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130, stderr[-2000:]
+    # Ctrl+C lands while the third image is half-way through being written: PIL has written the temporary file and
+    # it has not been renamed yet, the worst moment for leaving a broken or stray file.
+    outdir, log = tmp_path / "out", tmp_path / "stderr.txt"
+    process = start_with_signal("sample.py", "--ckpt", str(checkpoint), "--outdir", str(outdir), "--seeds", "0-9",
+                                "--batch-size", "1", "--steps", "2", cwd=tmp_path, target="PIL.Image:Image.save",
+                                call=3, signum=signal.SIGINT, stderr=log)
+    assert process.wait(timeout=300) == 130, log.read_text()[-2000:]
+    stderr = log.read_text()
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "interrupted" in errors[0] and "Traceback" not in stderr, stderr[-2000:]
-    assert not [p for p in outdir.iterdir() if p.suffix != ".png"]  # no temporary file left behind
+    # The two images finished before the interrupt, whole; neither the third nor its temporary file.
+    assert sorted(p.name for p in outdir.iterdir()) == ["000000.png", "000001.png"]
     for path in outdir.glob("*.png"):
         with Image.open(path) as image:
             image.load()  # every file there decodes in full

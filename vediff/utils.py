@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -93,25 +93,18 @@ def first_missing(path: Path) -> Path | None:
     return path
 
 
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(temporary)` on a file beside `path`, then rename it to `path`: `path` is never half-written.
+    """Call `write(temporary)` on a new file beside `path`, then rename it to `path`: `path` is never half-written.
 
-    The file gets the permissions the user's umask gives a new file (mkstemp's own are 0600).
+    The temporary file is created by `write` itself, inside the cleanup's reach, so an interrupt at any moment leaves
+    either nothing or the whole file; it gets the permissions the user's umask gives any new file.
     """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~current_umask())
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
