@@ -1,6 +1,7 @@
 """vediff's schedulers and pipelines against diffusers 0.42's (a test-only extra) on the same inputs and generators:
 KarrasVeScheduler (diffusers' deprecated port), ScoreSdeVeScheduler and DDIMScheduler, step by step and as loops."""
 
+import json
 import math
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 from test_samplers import GaussianDenoiser, quiet
 
 from vediff import DDIMPipeline, DDIMScheduler, KarrasVeScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler
+from vediff.utils import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -171,6 +173,46 @@ def test_a_reference_scheduler_folder_loads_with_its_extra_keys_and_attribute_co
     assert DDIMScheduler.from_config(ours.config).config == ours.config
     reference = Reference.from_config(ours.config)  # and diffusers reads ours
     assert reference.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_a_config_notes_the_defaults_it_took_as_the_reference_does(tmp_path):
+    # diffusers 0.42's own test_from_pretrained: a saved and reloaded scheduler has the same config, less the note
+    # of which arguments took their defaults (not saved; every argument is given when the file is read back).
+    from diffusers import DDIMScheduler as Reference
+
+    options = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                   clip_sample=True)
+    ours, theirs = DDIMScheduler(**options), Reference(**options)
+    assert sorted(ours.config["_use_default_values"]) == sorted(theirs.config["_use_default_values"])
+    ours.save_pretrained(tmp_path)
+    assert "_use_default_values" not in json.loads((tmp_path / "scheduler_config.json").read_text())
+    reloaded = DDIMScheduler.from_pretrained(tmp_path)
+    assert "_use_default_values" not in reloaded.config
+    assert {k: v for k, v in ours.config.items() if k != "_use_default_values"} == reloaded.config
+    # Reading a config that notes defaults gives those arguments this class's defaults, not the values noted.
+    noted = {**dict(reloaded.config), "set_alpha_to_one": False, "_use_default_values": ["set_alpha_to_one"]}
+    assert DDIMScheduler.from_config(noted).config["set_alpha_to_one"] is True
+    assert Reference.from_config(noted).config["set_alpha_to_one"] is True
+
+
+def test_what_the_reference_accepts_and_gets_wrong_is_refused():
+    from diffusers import DDIMScheduler as Reference
+
+    # sample_max_value below 1: the reference's threshold becomes that value and x̂_0 = 0.3 comes out doubled.
+    theirs = Reference(thresholding=True, sample_max_value=0.5, prediction_type="sample")
+    theirs.set_timesteps(10)
+    x0 = torch.full((1, 1, 2, 2), 0.3)
+    stretched = theirs.step(x0, theirs.timesteps[0], torch.ones(1, 1, 2, 2)).pred_original_sample
+    torch.testing.assert_close(stretched, 2 * x0)
+    with pytest.raises(ConfigError, match="sample_max_value"):
+        DDIMScheduler(thresholding=True, sample_max_value=0.5, prediction_type="sample")
+    # trained_betas shorter than num_train_timesteps: the reference fails at its first step.
+    theirs = Reference(num_train_timesteps=1000, trained_betas=[0.1, 0.3])
+    theirs.set_timesteps(10)
+    with pytest.raises(IndexError):
+        theirs.step(torch.zeros(1, 1, 2, 2), theirs.timesteps[0], torch.ones(1, 1, 2, 2))
+    with pytest.raises(ConfigError, match="trained_betas: 2 values for num_train_timesteps 1000"):
+        DDIMScheduler(num_train_timesteps=1000, trained_betas=[0.1, 0.3])
 
 
 DDIM_OPTIONS = {

@@ -12,6 +12,7 @@ vediff's entry points (SamplerConfig, sample.py, the callbacks) take theirs from
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -144,15 +145,36 @@ class Scheduler:
     config: SchedulerConfig
     config_name = "scheduler_config.json"
     order = 1
+    _given: frozenset[str] = frozenset()
+
+    # diffusers' `register_to_config` notes which arguments took their defaults, so that a config read later lets
+    # newer defaults apply to them; each subclass's constructor records what its caller gave.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        names = list(inspect.signature(init).parameters)[1:]
+
+        @functools.wraps(init)
+        def recording_init(self: Scheduler, *args: Any, **kwargs: Any) -> None:
+            self._given = frozenset(names[: len(args)]) | frozenset(kwargs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = recording_init
 
     def _store_config(self, **config: Any) -> None:
-        self.config = SchedulerConfig(config)
+        """Keep the constructor arguments; `_use_default_values` lists those the caller left at their defaults, as
+        in diffusers 0.42 (it is not saved, and `from_config` gives those arguments the defaults again)."""
+        defaulted = sorted(set(config) - self._given)
+        self.config = SchedulerConfig({**config, **({"_use_default_values": defaulted} if defaulted else {})})
 
     def save_config(self, save_directory: str | Path) -> Path:
         """Write `<save_directory>/scheduler_config.json`: the class name and the constructor arguments."""
         path = Path(save_directory) / self.config_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"_class_name": type(self).__name__, **self.config})
+        saved = {name: value for name, value in self.config.items() if name != "_use_default_values"}
+        write_json(path, {"_class_name": type(self).__name__, **saved})
         return path
 
     save_pretrained = save_config
@@ -179,7 +201,8 @@ class Scheduler:
             path = Path(config)
             source = path / cls.config_name if path.is_dir() else path
             config = read_json_object(source, "scheduler config: ")
-        config = {**config, **overrides}
+        defaulted = set(config.get("_use_default_values", ()))
+        config = {**{k: v for k, v in config.items() if k not in defaulted}, **overrides}
         name = config.get("_class_name", cls.__name__)
         target = cls if cls is not Scheduler else SCHEDULERS.get(name)
         if target is None:
@@ -472,6 +495,11 @@ class DDIMScheduler(Scheduler):
         timestep_spacing: "leading", "trailing", "linspace" or the paper's "quadratic".
         rescale_betas_zero_snr: Rescale the schedule to zero terminal SNR (Lin et al. 2024); the pipelines, which
             work in σ, start such a schedule at ᾱ = 2⁻²⁴ instead of 0.
+
+    Two values diffusers 0.42 accepts are refused here, because they give a wrong result there: `sample_max_value`
+    below 1 (its threshold s = clamp(quantile, 1, sample_max_value) is then sample_max_value itself, and x̂_0/s
+    stretches the prediction: x̂_0 = 0.3 becomes 0.6 at 0.5), and `trained_betas` of another length than
+    `num_train_timesteps` (the timesteps index past the schedule: an IndexError at the first step).
     """
 
     # diffusers' defaults (DDPM's CIFAR-10 schedule), for the reference API only; vediff's are in the registry.
