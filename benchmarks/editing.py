@@ -20,7 +20,7 @@ from common import REPO, table, write_section
 from sampler_guide import as_pixels, model_and_data, quick_start_checkpoint
 
 from vediff import SamplerConfig
-from vediff.sampling.seeds import batches
+from vediff.pipelines.generate import batches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

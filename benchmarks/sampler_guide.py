@@ -27,9 +27,9 @@ from torchvision.utils import make_grid, save_image
 
 from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.generate import batches, cycle_labels, uniform_labels
 from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
 from vediff.sampling.registry import settings_table
-from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
 from vediff.training.metrics import QualityMetrics, feature_extractor, quantize, reference_statistics

@@ -30,8 +30,8 @@ from sampler_guide import as_pixels, digits_classifier, model_and_data, recognit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vediff import DDIMPipeline, DDIMScheduler, SamplerConfig, reconstruct_ema
+from vediff.pipelines.generate import batches, cycle_labels
 from vediff.pipelines.loading import denoiser_from_checkpoint, read_checkpoint
-from vediff.sampling.seeds import batches, cycle_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.metrics import QualityMetrics, feature_extractor, quantize, reference_statistics
 from vediff.training.posthoc_ema import read_snapshots

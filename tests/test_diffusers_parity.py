@@ -258,7 +258,7 @@ def test_ddim_steps_any_timestep_and_ends_leading_spacing_where_the_reference_do
     for t in ours.timesteps:
         x, y = ours.step(0.2 * x, t, x).prev_sample, theirs.step(0.2 * y, t, y).prev_sample
     torch.testing.assert_close(x, y)
-    assert ours.previous_timestep(333) == 0 and ours.sigmas()[-1] > 0
+    assert ours.previous_timestep(333) == 0 and ours.sigmas[-1] > 0
 
 
 def test_quadratic_ddim_steps_by_position_as_the_paper_code():

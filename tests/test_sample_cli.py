@@ -281,7 +281,7 @@ def test_bad_input_from_a_real_process(bad_input_folder):
 @pytest.mark.parametrize("by_class", [False, True])
 def test_grid_size_is_the_size_of_the_grid_drawn(count, min_size, by_class):
     # sample.py refuses an oversized grid before sampling from this computation, so it must be exact.
-    from vediff.sampling.grids import grid_size, image_grid
+    from vediff.pipelines.grids import grid_size, image_grid
 
     labels = [i % 3 for i in range(count)] if by_class else None
     grid = image_grid(torch.rand(count, 1, 5, 5), min_size=min_size, class_labels=labels)

@@ -16,10 +16,12 @@ from vediff import (
     ImagePipelineOutput,
     KarrasVePipeline,
     KarrasVeScheduler,
+    SamplerConfig,
     ScoreSdeVePipeline,
     ScoreSdeVeScheduler,
     UNet2D,
     VEDiffusion,
+    generate_images,
     sample_ddim,
     sample_karras_ve,
 )
@@ -205,7 +207,7 @@ def test_ddim_steps_to_the_actual_next_entry():
     scheduler = DDIMScheduler(timestep_spacing="linspace")
     scheduler.set_timesteps(4)
     assert [scheduler.previous_timestep(t) for t in scheduler.timesteps] == [666, 333, 0, -1]
-    sigmas = scheduler.sigmas()
+    sigmas = scheduler.sigmas
     assert sigmas[-1].item() == 0.0 and torch.all(sigmas[1:] < sigmas[:-1])
 
 
@@ -269,7 +271,8 @@ def test_float64_on_request():
     (lambda: ScoreSdeVeScheduler(snr=-1), "snr"),
     (lambda: KarrasVePipeline(GaussianDenoiser(), KarrasVeScheduler())(
         batch_size=2, generator=[torch.Generator()]), "generator"),
-    (lambda: KarrasVePipeline(GaussianDenoiser(), KarrasVeScheduler())(num_inference_step=3), "unexpected"),
+    (lambda: KarrasVePipeline(GaussianDenoiser(), KarrasVeScheduler())(num_inference_step=3),
+     "unexpected keyword argument 'num_inference_step'"),
     (lambda: DDIMScheduler(timestep_spacing="even"), "timestep_spacing"),
     # Non-finite settings would give all-black or NaN images without a word.
     (lambda: DDIMPipeline(GaussianDenoiser(), DDIMScheduler())(eta=math.nan), "eta: nan is not a number"),
@@ -289,7 +292,7 @@ def test_float64_on_request():
      "eta"),
 ])
 def test_bad_arguments_say_which_and_why(call, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         call()
 
 
@@ -331,3 +334,22 @@ def test_sampler_config_refuses_non_finite_and_out_of_range_settings(settings, m
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         SamplerConfig(**settings)
+
+
+def test_generate_images_gives_each_seed_its_image_at_any_batch_size_and_process_count():
+    denoiser, config = GaussianDenoiser(), SamplerConfig(sampler="euler_ancestral", steps=4, sigma_min=0.01,
+                                                          sigma_max=20.0)
+    whole = next(generate_images(denoiser, config, range(5), batch_size=5))
+    assert whole.seeds == [0, 1, 2, 3, 4] and whole.class_labels is None and whole.images.shape == (5, 1, 8, 8)
+    batched = list(generate_images(denoiser, config, range(5), batch_size=2))
+    assert [batch.seeds for batch in batched] == [[0, 1], [2, 3], [4]]
+    torch.testing.assert_close(torch.cat([batch.images for batch in batched]), whole.images, rtol=0, atol=0)
+    # Two processes share the seeds alternately; together they draw the same images.
+    shares = [list(generate_images(denoiser, config, range(5), batch_size=2, rank=rank, world_size=2))
+              for rank in (0, 1)]
+    by_seed = {seed: image for share in shares for batch in share
+               for seed, image in zip(batch.seeds, batch.images, strict=True)}
+    assert sorted(by_seed) == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(torch.stack([by_seed[seed] for seed in range(5)]), whole.images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="class_labels: 2 given for 5 seeds"):
+        next(generate_images(denoiser, config, range(5), class_labels=[0, 1]))

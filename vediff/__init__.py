@@ -6,9 +6,10 @@ Layers, each importing only those above it:
                        trained elsewhere (diffusers' VP and VE score models) as denoisers
     vediff.sampling    σ schedules, solver functions (each update formula once), the sampler registry, editing
                        (inpainting, image-to-image) and exact likelihoods over any sampler or denoiser
-    vediff.pipelines   diffusers-style schedulers and pipelines, SamplerConfig, denoisers on disk
+    vediff.pipelines   diffusers-style schedulers and pipelines (each scheduler hands its pipeline a SamplingPlan),
+                       SamplerConfig, generate_images (seeded images in batches), grids, denoisers on disk
     vediff.training    the LightningModule, losses, data, callbacks, checkpoints, metrics, post-hoc EMA
-    vediff.cli         train.py and sample.py
+    vediff.cli         train.py and sample.py (and their seed and class lists)
 """
 
 from vediff.models.external import VEScoreDenoiser, VPDenoiser
@@ -16,6 +17,7 @@ from vediff.models.guidance import guided
 from vediff.models.network import UNet2D
 from vediff.models.preconditioning import Denoiser, EDMPrecond, VEPrecond
 from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.generate import ImageBatch, generate_images
 from vediff.pipelines.loading import load_denoiser
 from vediff.pipelines.pipelines import (
     PIPELINES,
@@ -27,6 +29,7 @@ from vediff.pipelines.pipelines import (
     ScoreSdeVePipeline,
     SolverPipeline,
 )
+from vediff.pipelines.plan import SamplingPlan
 from vediff.pipelines.schedulers import (
     DDIMScheduler,
     DDIMSchedulerOutput,
@@ -70,6 +73,7 @@ __all__ = [
     "EDMLoss",
     "EDMPrecond",
     "HalfLifeEMA",
+    "ImageBatch",
     "ImageDataModule",
     "ImagePipeline",
     "ImagePipelineOutput",
@@ -82,6 +86,7 @@ __all__ = [
     "SampleQuality",
     "Sampler",
     "SamplerConfig",
+    "SamplingPlan",
     "ScoreSdeVePipeline",
     "ScoreSdeVeScheduler",
     "SdeVeOutput",
@@ -97,6 +102,7 @@ __all__ = [
     "append_dims",
     "bits_per_dim",
     "dequantize",
+    "generate_images",
     "guided",
     "impute",
     "load_denoiser",

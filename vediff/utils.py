@@ -93,15 +93,22 @@ def first_missing(path: Path) -> Path | None:
     return path
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(temporary)` on a new file beside `path`, then rename it to `path`: `path` is never half-written.
 
     The temporary file is created by `write` itself, inside the cleanup's reach, so an interrupt at any moment leaves
-    either nothing or the whole file; it gets the permissions the user's umask gives any new file.
+    either nothing or the whole file; it gets the permissions the user's umask gives a new file.
     """
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())  # some writers (safetensors) create their files 0600
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

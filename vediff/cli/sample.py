@@ -9,7 +9,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,14 +21,16 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from vediff.cli.seeds import parse_class_labels, parse_seeds
 from vediff.models.guidance import check_guide, check_null_label
+from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.config import COMMON_SETTINGS, REGISTERED_SETTINGS, SamplerConfig
+from vediff.pipelines.generate import cycle_labels, generate_images, uniform_labels
+from vediff.pipelines.grids import grid_size, image_grid, to_uint8
 from vediff.pipelines.hub import resolve
 from vediff.pipelines.inputs import read_image_files
 from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser, load_denoiser_folder, read_checkpoint
-from vediff.sampling.grids import grid_size, image_grid, to_uint8
 from vediff.sampling.registry import SAMPLERS, Setting
-from vediff.sampling.seeds import batches, cycle_labels, parse_class_labels, parse_seeds, uniform_labels
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
 from vediff.training.metrics import INCEPTION_FILE, QualityMetrics, feature_extractor, reference_statistics
@@ -348,9 +350,16 @@ def check_grid(args: argparse.Namespace, count: int, image_size: int, labels: li
                           "lower --grid-min-size (0 keeps the native size), or draw fewer seeds into it")
 
 
-def quality_setup(
-    checkpoint: dict, ckpt: Path, args: argparse.Namespace
-) -> tuple[ImageDataModule, QualityMetrics, str]:
+@dataclass(frozen=True)
+class QualitySetup:
+    """--fid: the checkpoint's training data, the FID/KID evaluator and the name of its feature space."""
+
+    data: ImageDataModule
+    metrics: QualityMetrics
+    feature: str
+
+
+def quality_setup(checkpoint: dict, ckpt: Path, args: argparse.Namespace) -> QualitySetup:
     """The training data of the checkpoint and an FID/KID evaluator for it, checked before any sampling."""
     data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
@@ -359,7 +368,7 @@ def quality_setup(
     data = ImageDataModule(**{k: v for k, v in data_hparams.items() if k in accepted})
     feature = args.feature or ("pixels" if data.dataset_name == "digits" else "inception")
     extractor = feature_extractor(feature, data.channels, data.image_size, args.inception_weights)
-    return data, QualityMetrics(extractor), feature
+    return QualitySetup(data, QualityMetrics(extractor), feature)
 
 
 def main() -> None:
@@ -376,72 +385,33 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     """Check every argument, then sample; nothing is written before the checks pass, and a run that fails removes
     what it wrote."""
-    if args.batch_size < 1 or args.devices < 1:
-        raise ConfigError("--batch-size and --devices must be at least 1")
-    if args.grid_min_size < 0:
-        raise ConfigError(f"--grid-min-size: {args.grid_min_size} must be 0 (native size) or more")
-    check_flag_combinations(args)
+    check_flags(args)
     config = sampler_config(args)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    check_devices(args.device, args.devices)
     export = check_export_folder(args.export, args.overwrite) if args.export is not None else None
     outputs = OutputFolder(args.outdir, args.overwrite) if export is None else None
-    ema_std, ema_at = getattr(args, "ema_std", None), getattr(args, "ema_at", None)
-    if ema_at is not None and ema_std is None:
-        raise ConfigError("--ema-at: needs --ema-std, the length of the average to reconstruct")
-    if ema_std is not None:
-        check_sigma_rel("--ema-std", ema_std)
-    guide_path, guide_ema_std = getattr(args, "guide", None), getattr(args, "guide_ema_std", None)
-    guide_ema_at = getattr(args, "guide_ema_at", None)
-    if guide_ema_at is not None and guide_ema_std is None:
-        raise ConfigError("--guide-ema-at: needs --guide-ema-std, the length of the guide's average")
-    if guide_ema_std is not None:
-        if guide_path is None:
-            raise ConfigError("--guide-ema-std: needs --guide, the run whose average guides")
-        check_sigma_rel("--guide-ema-std", guide_ema_std)
     ckpt = checkpoint_path(args.ckpt)
-    if ckpt.is_dir():
-        if args.fid:
-            raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
-                              "checkpoint (.ckpt) instead")
-        if ema_std is not None:
-            raise ConfigError(f"--ema-std: reconstructs from a training run's snapshots, and '{ckpt}' is a pipeline "
-                              "folder; give the run's checkpoint (lightning_logs/<name>/version_<n>/checkpoints/…)")
-        denoiser, checkpoint = load_denoiser_folder(ckpt, field="--ckpt"), None
-    else:
-        checkpoint = read_checkpoint(ckpt)
-        if ema_std is None:
-            denoiser = denoiser_from_checkpoint(checkpoint, ckpt)
-        else:
-            denoiser = reconstructed(ckpt, ema_std, ema_at, "--ema-std", "--ema-at")
-    guide = load_guide(guide_path, guide_ema_std, guide_ema_at, denoiser, config.guidance_scale) if guide_path else None
+    denoiser, checkpoint = load_model(args, ckpt)
+    guide = load_guide(args, denoiser, config.guidance_scale) if hasattr(args, "guide") else None
     config.levels(denoiser)  # the whole schedule, built once here: σ range, steps and settings against the model
     classes = parse_class_labels(args.class_labels, denoiser.num_classes) if args.class_labels is not None else None
-    labelled = classes is not None or (args.fid and denoiser.num_classes)
-    if config.guidance_scale != 1 and guide is None:
-        if not labelled:
-            raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model "
-                              "and the classes to draw) or --guide (a guide model)")
-        try:
-            check_null_label(denoiser, config.guidance_scale)
-        except ConfigError as error:
-            raise ConfigError(f"--guidance: {str(error).removeprefix('guidance_scale: ')}") from None
+    check_guidance(config, denoiser, guide, labelled=classes is not None or (args.fid and denoiser.num_classes))
     if export is not None:
         folder = config.pipeline(denoiser).save_pretrained(export)
         print(f"Exported {ckpt} with {config.sampler} to {folder}/")
         return
     quality = quality_setup(checkpoint, ckpt, args) if args.fid else None
     del checkpoint  # the optimizer and raw weights it also holds are not needed for sampling
-    standard = quality is not None and quality[0].dataset_name == "cifar10"
+    standard = quality is not None and quality.data.dataset_name == "cifar10"
     seeds = seeds or parse_seeds("0-49999" if standard else "0-63")
     editing = editing_inputs(args, denoiser, len(seeds))
     labels, label_source = None, None
     if classes is not None:
-        labels, label_source = dict(zip(seeds, cycle_labels(classes, len(seeds)), strict=True)), args.class_labels
+        labels, label_source = cycle_labels(classes, len(seeds)), args.class_labels
     elif quality is not None and denoiser.num_classes:  # FID of a conditional model: classes drawn uniformly
-        labels, label_source = dict(zip(seeds, uniform_labels(seeds, denoiser.num_classes), strict=True)), "uniform"
+        labels, label_source = uniform_labels(seeds, denoiser.num_classes), "uniform"
     if args.grid:
-        check_grid(args, len(seeds), denoiser.sample_size, [labels[seed] for seed in seeds] if labels else None)
+        check_grid(args, len(seeds), denoiser.sample_size, labels)
 
     strategy = "ddp" if args.devices > 1 else "auto"
     try:
@@ -460,6 +430,59 @@ def run(args: argparse.Namespace) -> None:
         raise
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags on their own, before any file is read: ranges, and combinations the run would silently ignore."""
+    if args.batch_size < 1 or args.devices < 1:
+        raise ConfigError("--batch-size and --devices must be at least 1")
+    if args.grid_min_size < 0:
+        raise ConfigError(f"--grid-min-size: {args.grid_min_size} must be 0 (native size) or more")
+    check_flag_combinations(args)
+    check_devices(args.device, args.devices)
+    for at, std, needs in (("--ema-at", "--ema-std", "the length of the average to reconstruct"),
+                           ("--guide-ema-at", "--guide-ema-std", "the length of the guide's average"),
+                           ("--guide-ema-std", "--guide", "the run whose average guides")):
+        if hasattr(args, dest(at)) and not hasattr(args, dest(std)):
+            raise ConfigError(f"{at}: needs {std}, {needs}")
+    for flag in ("--ema-std", "--guide-ema-std"):
+        if hasattr(args, dest(flag)):
+            check_sigma_rel(flag, getattr(args, dest(flag)))
+
+
+def dest(flag: str) -> str:
+    """The argparse destination of `flag`."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[Denoiser, dict | None]:
+    """The model to sample (with --ema-std: the post-hoc EMA average) and, for a training checkpoint, its contents."""
+    ema_std = getattr(args, "ema_std", None)
+    if ckpt.is_dir():
+        if args.fid:
+            raise ConfigError(f"--fid: the pipeline folder '{ckpt}' records no training data; pass the training "
+                              "checkpoint (.ckpt) instead")
+        if ema_std is not None:
+            raise ConfigError(f"--ema-std: reconstructs from a training run's snapshots, and '{ckpt}' is a pipeline "
+                              "folder; give the run's checkpoint (lightning_logs/<name>/version_<n>/checkpoints/…)")
+        return load_denoiser_folder(ckpt, field="--ckpt"), None
+    checkpoint = read_checkpoint(ckpt)
+    if ema_std is None:
+        return denoiser_from_checkpoint(checkpoint, ckpt), checkpoint
+    return reconstructed(ckpt, ema_std, getattr(args, "ema_at", None), "--ema-std", "--ema-at"), checkpoint
+
+
+def check_guidance(config: SamplerConfig, denoiser: Denoiser, guide: Denoiser | None, labelled: bool) -> None:
+    """--guidance other than 1 needs something to guide against: a guide model, or class labels and a null label."""
+    if config.guidance_scale == 1 or guide is not None:
+        return
+    if not labelled:
+        raise ConfigError(f"--guidance: {config.guidance_scale} needs --class-labels (a class-conditional model "
+                          "and the classes to draw) or --guide (a guide model)")
+    try:
+        check_null_label(denoiser, config.guidance_scale)
+    except ConfigError as error:
+        raise ConfigError(f"--guidance: {str(error).removeprefix('guidance_scale: ')}") from None
+
+
 def reconstructed(ckpt: Path, ema_std: float, ema_at: float | None, std_flag: str, at_flag: str):
     """The run's post-hoc EMA average of length `ema_std` (at `ema_at` kimg), its errors in this command's flags."""
     try:
@@ -471,16 +494,17 @@ def reconstructed(ckpt: Path, ema_std: float, ema_at: float | None, std_flag: st
         raise ConfigError(message) from None
 
 
-def load_guide(path: str, ema_std: float | None, ema_at: float | None, denoiser, guidance_scale: float):
-    """The --guide model (its post-hoc EMA average of `ema_std` at `ema_at` if given), checked against the main
-    model."""
+def load_guide(args: argparse.Namespace, denoiser: Denoiser, guidance_scale: float) -> Denoiser:
+    """The --guide model (its post-hoc EMA average with --guide-ema-std), checked against the main model."""
     if guidance_scale == 1:
         raise ConfigError("--guide: at --guidance 1 the guide is unused; give the guidance scale w (the paper uses "
                           "about 2)")
+    ema_std = getattr(args, "guide_ema_std", None)
     if ema_std is not None:
-        guide = reconstructed(resolve(path, "--guide"), ema_std, ema_at, "--guide-ema-std", "--guide-ema-at")
+        guide = reconstructed(resolve(args.guide, "--guide"), ema_std, getattr(args, "guide_ema_at", None),
+                              "--guide-ema-std", "--guide-ema-at")
     else:
-        guide = load_denoiser(path, field="--guide")
+        guide = load_denoiser(args.guide, field="--guide")
     try:
         check_guide(denoiser, guide)
     except ConfigError as error:
@@ -489,8 +513,8 @@ def load_guide(path: str, ema_std: float | None, ema_at: float | None, denoiser,
 
 
 def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfig, denoiser, guide, ckpt: Path,
-                  seeds: list[int], labels: dict[int, int] | None, label_source: str | None, editing: dict,
-                  quality, outputs: OutputFolder) -> None:
+                  seeds: list[int], labels: list[int] | None, label_source: str | None, editing: dict,
+                  quality: QualitySetup | None, outputs: OutputFolder) -> None:
     """Sample this process's share of the seeds into `outputs`, then (rank zero) the grid, npz and FID."""
     # Editing runs part of the schedule (strength) or steps again (resampling): the registry's count does not apply.
     cost = "" if editing else f", {config.nfe} network evaluations per image"
@@ -505,20 +529,15 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
         denoiser.net.compile()
     if guide is not None:
         guide = guide.to(fabric.device)
-    pipeline = config.pipeline(denoiser)
-    mine = list(range(len(seeds)))[fabric.global_rank :: fabric.world_size]  # positions in the seed list
-    with tqdm(total=len(mine), unit="img", disable=fabric.global_rank != 0, desc=config.sampler) as bar:
-        for positions in batches(mine, args.batch_size):
-            chunk = [seeds[p] for p in positions]
-            chunk_labels = [labels[seed] for seed in chunk] if labels else None
-            edits = {name: value[positions] if isinstance(value, np.ndarray) else value
-                     for name, value in editing.items()}
-            with fabric.autocast():
-                images = to_uint8(config.generate(pipeline, chunk, class_labels=chunk_labels, guide=guide,
-                                                  **edits)).numpy()
-            for seed, image in zip(chunk, images, strict=True):
+    generated = generate_images(denoiser, config, seeds, class_labels=labels, guide=guide,
+                                batch_size=args.batch_size, rank=fabric.global_rank, world_size=fabric.world_size,
+                                editing=editing, autocast=fabric.autocast)
+    with tqdm(total=len(seeds[fabric.global_rank :: fabric.world_size]), unit="img", desc=config.sampler,
+              disable=fabric.global_rank != 0) as bar:
+        for batch in generated:
+            for seed, image in zip(batch.seeds, to_uint8(batch.images).numpy(), strict=True):
                 outputs.write(image_name(seed), png_writer(image))
-            bar.update(len(chunk))
+            bar.update(len(batch.seeds))
     fabric.barrier()
     if fabric.global_rank != 0:
         return
@@ -528,10 +547,10 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
         if args.grid:
             grid = image_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255,
                               min_size=args.grid_min_size,
-                              class_labels=[labels[seed] for seed in seeds] if labels else None)
+                              class_labels=labels)
             outputs.write("grid.png", lambda p: save_image(grid, p, format="PNG"))
         if args.npz:
-            extra = {"labels": np.array([labels[seed] for seed in seeds])} if labels else {}
+            extra = {"labels": np.array(labels)} if labels else {}
             outputs.write("samples.npz",
                           lambda p: np.savez(open(p, "wb"), arr_0=stacked, seeds=np.array(seeds), **extra))
     seconds = time.perf_counter() - start
@@ -542,10 +561,11 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
           f"{seconds:.1f} s)")
 
 
-def report_quality(quality, stacked: np.ndarray, config: SamplerConfig, ckpt: Path, outputs: OutputFolder,
-                   seconds: float, device: torch.device, label_source: str | None, guide: str | None) -> None:
+def report_quality(quality: QualitySetup, stacked: np.ndarray, config: SamplerConfig, ckpt: Path,
+                   outputs: OutputFolder, seconds: float, device: torch.device, label_source: str | None,
+                   guide: str | None) -> None:
     """FID and KID of the written images against the training set; the numbers go to <outdir>/metrics.json."""
-    data, metrics, feature = quality
+    data, metrics, feature = quality.data, quality.metrics, quality.feature
     statistics = reference_statistics(data, metrics.extractor, feature, device=device)
     metrics.to(device).set_reference(statistics)
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2)

@@ -105,7 +105,7 @@ class _SamplerConfigMethods:
     def levels(self, denoiser) -> torch.Tensor:
         """The N + 1 noise levels these settings walk over `denoiser`: the whole schedule, built (and so checked
         against the model: σ range, steps, ρ) before anything is sampled."""
-        return self.pipeline(denoiser)._plan(self.num_steps)
+        return self.pipeline(denoiser).plan(self.num_steps).sigmas
 
     def pipeline(self, denoiser) -> ImagePipeline:
         """The sampler's pipeline (its diffusers counterpart, else a `SolverPipeline`) around `denoiser`, progress bar

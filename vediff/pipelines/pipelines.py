@@ -9,7 +9,6 @@ otherwise).
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.hub import is_diffusers_folder, resolve
 from vediff.pipelines.inputs import as_batch, binary_mask
 from vediff.pipelines.loading import MODEL_INDEX, SCHEDULER_CONFIG, load_denoiser, read_json, save_denoiser
+from vediff.pipelines.plan import SamplingPlan
 from vediff.pipelines.schedulers import (
     DDIMScheduler,
     KarrasVeScheduler,
@@ -35,14 +35,12 @@ from vediff.pipelines.schedulers import (
     ScoreSdeVeScheduler,
     SigmaScheduler,
 )
-from vediff.sampling.editing import first_step, impute, resample, shifted
+from vediff.sampling.editing import first_step, impute, resample
 from vediff.sampling.registry import SAMPLERS
-from vediff.sampling.schedules import append_zero, check_steps, given_sigmas
-from vediff.sampling.solvers import Generators, noise_from, randn, sample_ddim, sample_karras_ve, sample_score_sde_ve
-from vediff.utils import ConfigError, check_number, package_version, write_json
+from vediff.sampling.solvers import Callback, Generators, noise_from, randn
+from vediff.utils import ConfigError, package_version, write_json
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt")  # "numpy" as diffusers' pipelines take it
-EDITING_ARGUMENTS = ("image", "mask_image", "strength", "resample_steps")
 
 
 class NonFiniteSamplesError(ConfigError):
@@ -206,33 +204,13 @@ class ImagePipeline:
     def _progress(self) -> dict[str, Any]:
         return {"disable": False, "leave": False, **self._progress_bar_config}
 
-    def _check(self, batch_size: int, num_inference_steps: int, output_type: str, extra: dict[str, Any]) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: {batch_size} must be a positive integer")
-        check_steps(num_inference_steps)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-        unknown = set(extra) - {"class_labels", "guidance_scale", "guide", "dtype", "callback", *EDITING_ARGUMENTS}
-        if unknown:
-            raise ValueError(f"unexpected arguments {sorted(unknown)}; the extra ones are class_labels, "
-                             f"guidance_scale, guide, dtype, callback, {', '.join(EDITING_ARGUMENTS)}")
-        orphans = sorted(set(extra) & set(EDITING_ARGUMENTS[1:]))
-        if orphans and extra.get("image") is None:
-            raise ValueError(f"{', '.join(orphans)}: editing needs `image`, the picture to inpaint or transform")
-        if extra.get("resample_steps") and extra.get("mask_image") is None:
-            raise ValueError("resample_steps: resampling is for inpainting; give mask_image as well")
-
-    def _denoiser(self, batch_size: int, extra: dict[str, Any]) -> Denoiser:
-        """The denoiser the sampler walks: `unet`, or `unet` with the batch's class labels bound and guided."""
-        return conditioned(self.unet, extra.get("class_labels"), extra.get("guidance_scale", 1.0), batch_size,
-                           self.device, extra.get("guide"))
-
-    def _initial_noise(self, batch_size: int, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
-        """Standard normal noise (B, C, H, W) from `generator`, drawn first, before any step's noise."""
-        shape = (batch_size, self.unet.in_channels, self.unet.sample_size, self.unet.sample_size)
-        return randn(shape, generator, self.device).to(dtype)
-
     default_steps = 50  # diffusers' default for this pipeline's __call__; vediff's entry points use the registry's
+
+    @classmethod
+    def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float],
+                      denoiser: Denoiser | None = None) -> Scheduler:
+        """The scheduler for registry settings (`SamplerConfig.settings`) over the σ range (σ_min, σ_max)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(
@@ -242,74 +220,87 @@ class ImagePipeline:
         generator: Generators = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
-        **kwargs: Any,
+        **options: Any,
     ) -> ImagePipelineOutput | tuple:
-        """Draw `batch_size` images in `num_inference_steps` steps (default: `default_steps`)."""
+        """Draw `batch_size` images in `num_inference_steps` steps (default: `default_steps`); `options` are the
+        keyword arguments of `run_plan`."""
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
-        return self._generate(batch_size, steps, generator, output_type, return_dict, kwargs)
+        return self.run_plan(self.plan(steps), batch_size, generator, output_type, return_dict, **options)
 
-    def _generate(self, batch_size: int, steps: int, generator: Generators, output_type: str, return_dict: bool,
-                  extra: dict[str, Any], **settings: Any) -> ImagePipelineOutput | tuple:
-        self._check(batch_size, steps, output_type, extra)
+    def plan(self, num_inference_steps: int) -> SamplingPlan:
+        """The scheduler set for N steps: the levels, the solver and its settings that `run_plan` follows."""
+        return self.scheduler.plan(num_inference_steps)
+
+    @torch.no_grad()
+    def run_plan(
+        self,
+        plan: SamplingPlan,
+        batch_size: int = 1,
+        generator: Generators = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        *,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        guide: Denoiser | None = None,
+        dtype: torch.dtype = torch.float32,
+        callback: Callback | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
+        resample_steps: int = 0,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw `batch_size` images along a scheduler's `plan`; the arguments are those of the class docstring."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size} must be a positive integer")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+        orphans = [name for name, value in (("mask_image", mask_image), ("strength", strength),
+                                            ("resample_steps", resample_steps or None)) if value is not None]
+        if orphans and image is None:
+            raise ValueError(f"{', '.join(orphans)}: editing needs `image`, the picture to inpaint or transform")
+        if resample_steps and mask_image is None:
+            raise ValueError("resample_steps: resampling is for inpainting; give mask_image as well")
         data_range = getattr(self.unet, "data_range", (-1.0, 1.0))
-        z = self._initial_noise(batch_size, generator, extra.get("dtype", torch.float32))
-        image, keep = self._editing_inputs(extra, batch_size, data_range, z.dtype)
-        sigmas = self._plan(steps, **settings)
-        steps = len(sigmas) - 1
-        start = first_step(extra.get("strength", 0.8 if keep is None else 1.0), steps) if image is not None else 0
-        if start == steps:  # strength below one step: nothing runs and the image comes back
-            return self._output(image, data_range, output_type, return_dict)
-        denoiser = self._denoiser(batch_size, extra)
+        z = self._initial_noise(batch_size, generator, dtype)
+        keep, start = None, 0
+        if image is not None:
+            image, keep = self._editing_inputs(image, mask_image, batch_size, data_range, z.dtype)
+            start = first_step(strength if strength is not None else 0.8 if keep is None else 1.0, plan.steps)
+            if start == plan.steps:  # strength below one step: nothing runs and the image comes back
+                return self._output(image, data_range, output_type, return_dict)
+        denoiser = conditioned(self.unet, class_labels, guidance_scale, batch_size, self.device, guide)
         if keep is not None:
             denoiser = impute(denoiser, image, keep)
-        x = z * self._prior_scale(sigmas[0].item()) if start == 0 else image + sigmas[start].item() * z
-        noise, callback, resample_steps = noise_from(generator), extra.get("callback"), extra.get("resample_steps", 0)
+        x = z * plan.initial_scale if start == 0 else image + plan.sigmas[start].item() * z
+        noise = noise_from(generator)
+        if resample_steps:  # RePaint: one step at a time, each retaken after going back up
+            def step(x: torch.Tensor, i: int, stop: int) -> torch.Tensor:
+                return plan.run(denoiser, x, i, stop, noise=noise, callback=callback)
 
-        def run(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-            options = {"noise": noise, "callback": shifted(callback, first),
-                       "progress": self._progress() if not resample_steps else False}
-            return self._run(denoiser, x, sigmas, first, stop, options, **settings)
-
-        if resample_steps:
-            x = resample(run, x, sigmas, start, resample_steps, noise, self._progress())
+            x = resample(step, x, plan.sigmas, start, resample_steps, noise, self._progress())
         else:
-            x = run(x, start, steps)
-        x = self._finish(x, sigmas)
+            x = plan.run(denoiser, x, start, plan.steps, noise=noise, callback=callback, progress=self._progress())
+        x = x * plan.output_scale
         check_finite_samples(x)
         if keep is not None:  # the kept pixels exactly as given, whatever the sampler's last step left there
             x = torch.lerp(image, x, 1 - keep)
         return self._output(x, data_range, output_type, return_dict)
 
-    def _editing_inputs(self, extra: dict[str, Any], batch_size: int, data_range: tuple[float, float],
-                        dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The editing image in the model's data frame and the keep mask (1 keep, 0 regenerate), or None."""
-        if extra.get("image") is None:
-            return None, None
+    def _initial_noise(self, batch_size: int, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise (B, C, H, W) from `generator`, drawn first, before any step's noise."""
+        shape = (batch_size, self.unet.in_channels, self.unet.sample_size, self.unet.sample_size)
+        return randn(shape, generator, self.device).to(dtype)
+
+    def _editing_inputs(self, image: Any, mask_image: Any, batch_size: int, data_range: tuple[float, float],
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The editing image in the model's data frame and the keep mask (1 keep, 0 regenerate) or None."""
         channels, size = self.unet.in_channels, self.unet.sample_size
         low, high = data_range
-        image = low + (high - low) * as_batch(extra["image"], "image", channels, size, batch_size)
-        image = image.to(self.device, dtype)
-        mask = extra.get("mask_image")
-        keep = None if mask is None else (1 - binary_mask(mask, size, batch_size)).to(self.device, dtype)
-        return image, keep
-
-    def _plan(self, steps: int, **settings: Any) -> torch.Tensor:
-        """Set the scheduler for `steps` steps; returns the N + 1 noise levels the steps walk (VE frame)."""
-        raise NotImplementedError
-
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
-             solver_options: dict[str, Any], **settings: Any) -> torch.Tensor:
-        """Steps [start, stop) of the planned levels `sigmas` (`_plan`'s) from `x` (VE frame); `solver_options` go to
-        the solver. Called once per step when resampling, so nothing here should rebuild the schedule."""
-        raise NotImplementedError
-
-    def _prior_scale(self, sigma: float) -> float:
-        """The standard deviation of the sampler's starting noise at the first level σ."""
-        return sigma
-
-    def _finish(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """The images from the state after the last step."""
-        return x
+        image = (low + (high - low) * as_batch(image, "image", channels, size, batch_size)).to(self.device, dtype)
+        if mask_image is None:
+            return image, None
+        return image, (1 - binary_mask(mask_image, size, batch_size)).to(self.device, dtype)
 
     @staticmethod
     def _output(x: torch.Tensor, data_range: tuple[float, float], output_type: str,
@@ -344,17 +335,6 @@ class KarrasVePipeline(ImagePipeline):
                                  s_min=settings["s_min"], s_max=settings["s_max"],
                                  sigma_schedule=settings["schedule"], rho=settings["rho"])
 
-    def _plan(self, steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps)
-        return self.scheduler.sigmas
-
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
-             solver_options: dict[str, Any]) -> torch.Tensor:
-        config = self.scheduler.config
-        s_churn = churn_over_part(config["s_churn"], stop - start, len(sigmas) - 1)
-        return sample_karras_ve(denoiser, x, sigmas[start : stop + 1], s_churn=s_churn, s_min=config["s_min"],
-                                s_max=config["s_max"], s_noise=config["s_noise"], **solver_options)
-
 
 # Song et al. (2021), predictor–corrector sampling of the VE SDE.
 class ScoreSdeVePipeline(ImagePipeline):
@@ -381,24 +361,6 @@ class ScoreSdeVePipeline(ImagePipeline):
                                    step_size_per_sample=settings["step_size_per_sample"])
 
     default_steps = 2000  # diffusers' default; vediff's entry points use the registry's 200
-
-    def _plan(self, steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps)
-        self.scheduler.set_sigmas(steps)
-        return append_zero(self.scheduler.predictor_sigmas()[0])
-
-    def _prior_scale(self, sigma: float) -> float:
-        return self.scheduler.init_noise_sigma
-
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
-             solver_options: dict[str, Any]) -> torch.Tensor:
-        scheduler, config = self.scheduler, self.scheduler.config
-        sigmas_below = scheduler.predictor_sigmas()[1]
-        return sample_score_sde_ve(denoiser, x, sigmas[start : stop + 1], snr=config["snr"],
-                                   correct_steps=config["correct_steps"], model_sigmas=scheduler.sigmas[start:stop],
-                                   sigmas_below=sigmas_below[start:stop],
-                                   step_size_per_sample=config["step_size_per_sample"],
-                                   return_mean=stop == len(sigmas) - 1, **solver_options)
 
 
 # DDIM (Song, Meng, Ermon 2021), run in the VE frame of a σ-denoiser.
@@ -446,34 +408,13 @@ class DDIMPipeline(ImagePipeline):
         return_dict: bool = True,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
-        check_number("eta", eta, at_least=0)
         if use_clipped_model_output is None:
             guiding = kwargs.get("guidance_scale", 1.0) != 1 and (kwargs.get("class_labels") is not None
                                                                    or kwargs.get("guide") is not None)
             config = self.scheduler.config
             use_clipped_model_output = guiding and (config["clip_sample"] or config["thresholding"])
-        return self._generate(batch_size, num_inference_steps, generator, output_type, return_dict, kwargs, eta=eta,
-                              use_clipped_model_output=bool(use_clipped_model_output))
-
-    def _plan(self, steps: int, **settings: Any) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps)
-        return self.scheduler.sigmas()
-
-    # x_T ~ N(0, I) in the VP frame is z·√(1 + σ_T²) in the VE frame; the result goes back by 1/√(1 + σ_0²).
-    def _prior_scale(self, sigma: float) -> float:
-        return math.sqrt(1 + sigma**2)
-
-    def _finish(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        return x / math.sqrt(1 + sigmas[-1].item() ** 2)
-
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
-             solver_options: dict[str, Any], eta: float, use_clipped_model_output: bool) -> torch.Tensor:
-        config = self.scheduler.config
-        threshold = {"dynamic_thresholding_ratio": config["dynamic_thresholding_ratio"],
-                     "sample_max_value": config["sample_max_value"]} if config["thresholding"] else {}
-        return sample_ddim(denoiser, x, sigmas[start : stop + 1], eta=eta,
-                           clip_denoised=config["clip_sample"], clip_range=config["clip_sample_range"],
-                           use_clipped_model_output=use_clipped_model_output, **threshold, **solver_options)
+        plan = self.scheduler.plan(num_inference_steps, eta, bool(use_clipped_model_output))
+        return self.run_plan(plan, batch_size, generator, output_type, return_dict, **kwargs)
 
 
 # Karras et al. (2022): any sampler written as a solver over a σ schedule; here, any entry of the sampler registry.
@@ -529,33 +470,13 @@ class SolverPipeline(ImagePipeline):
     ) -> ImagePipelineOutput | tuple:
         """Draw `batch_size` images in `num_inference_steps` steps of the scheduler's σ schedule (default: the
         registry's steps), or over `sigmas`: any strictly descending list of noise levels, a final 0 optional."""
-        if sigmas is None:
-            return super().__call__(batch_size, num_inference_steps, generator, output_type, return_dict, **kwargs)
-        steps = len(given_sigmas(sigmas))
-        if num_inference_steps is not None and num_inference_steps != steps:
-            raise ValueError(f"num_inference_steps: {num_inference_steps} disagrees with the {steps} levels of "
-                             "sigmas; give one of them")
-        return self._generate(batch_size, steps, generator, output_type, return_dict, kwargs, sigmas=sigmas)
+        steps = self.default_steps if num_inference_steps is None and sigmas is None else num_inference_steps
+        return self.run_plan(self.plan(steps, sigmas), batch_size, generator, output_type, return_dict, **kwargs)
 
-    def _plan(self, steps: int, sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        self.scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas)
-        return self.scheduler.sigmas
-
-    def _run(self, denoiser: Denoiser, x: torch.Tensor, levels: torch.Tensor, start: int, stop: int,
-             solver_options: dict[str, Any], sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-        settings = dict(self.settings)
-        if "s_churn" in settings:
-            settings["s_churn"] = churn_over_part(settings["s_churn"], stop - start, len(levels) - 1)
-        solve = SAMPLERS[self.sampler_name].solve
-        if "return_mean" in inspect.signature(solve).parameters:  # a noise-free mean only where the schedule ends
-            settings["return_mean"] = stop == len(levels) - 1
-        return SAMPLERS[self.sampler_name](denoiser, x, levels[start : stop + 1], **solver_options, **settings)
-
-
-# EDM's γ_i = min(S_churn/N, √2 − 1) counts the steps N of the whole schedule; a run over part of it scales S_churn.
-def churn_over_part(s_churn: float, steps_run: int, steps: int) -> float:
-    """The S_churn that gives a run of `steps_run` steps the γ of a `steps`-step schedule."""
-    return s_churn * steps_run / steps
+    def plan(self, num_inference_steps: int | None, sigmas: Sequence[float] | torch.Tensor | None = None
+             ) -> SamplingPlan:
+        """The registered sampler with this pipeline's settings over N steps of the schedule, or over `sigmas`."""
+        return self.scheduler.plan(num_inference_steps, SAMPLERS[self.sampler_name].solve, self.settings, sigmas)
 
 
 # The pipeline of each sampler that has a diffusers counterpart, by the sampler's registry name; the other

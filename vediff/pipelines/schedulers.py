@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from vediff.models.preconditioning import check_sigma_range
+from vediff.models.preconditioning import Denoiser, check_sigma_range
 from vediff.models.vp import (
     MIN_ALPHA_CUMPROD,
     PREDICTION_TYPES,
@@ -33,6 +33,7 @@ from vediff.models.vp import (
     vp_to_ve_sigma,
     vp_x0_and_eps,
 )
+from vediff.pipelines.plan import SamplingPlan, Solver
 from vediff.sampling.schedules import (
     Spacing,
     append_zero,
@@ -44,15 +45,23 @@ from vediff.sampling.schedules import (
     ve_sigmas,
 )
 from vediff.sampling.solvers import (
+    Callback,
     Generators,
+    Noise,
     churn,
     ddim_step,
     dynamic_threshold,
     euler_step,
     heun_step,
     langevin_step,
+    noise_from,
+    predictor_corrector_step,
     randn,
+    report_step,
     reverse_diffusion_step,
+    sample_ddim,
+    sample_karras_ve,
+    step_levels,
 )
 from vediff.utils import (
     ConfigError,
@@ -287,6 +296,13 @@ class KarrasVeScheduler(Scheduler):
         self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
         self.schedule = sigmas.flip(0).to(device=device, dtype=torch.float32)
 
+    def plan(self, num_inference_steps: int) -> SamplingPlan:
+        """Set N steps; EDM's Algorithm 2 over them, with this scheduler's settings."""
+        self.set_timesteps(num_inference_steps)
+        c = self.config
+        return SamplingPlan(self.sigmas, sample_karras_ve, {"s_churn": c["s_churn"], "s_min": c["s_min"],
+                                                            "s_max": c["s_max"], "s_noise": c["s_noise"]})
+
     def gamma(self, sigma: float) -> float:
         """Churn factor γ_i for noise level σ_i."""
         c = self.config
@@ -414,11 +430,24 @@ class ScoreSdeVeScheduler(Scheduler):
     def predictor_sigmas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The predictor's noise levels per step: (σ^d_{k_i}, σ^d_{k_i − 1}) for i < N, with σ^d_{−1} := 0. Two steps
         share a grid level k when sampling_eps·(N − 1) ≥ 1; each still steps down one level, as Song et al.'s code
-        does. The `sigmas` and `sigmas_below` of `vediff.sampling.solvers.sample_score_sde_ve`."""
+        does."""
         self._require_timesteps()
         k = self.grid_indices(self.timesteps)
         below = torch.where(k > 0, self.discrete_sigmas[(k - 1).clamp(min=0)], torch.zeros(len(k)))
         return self.discrete_sigmas[k], below
+
+    def plan(self, num_inference_steps: int) -> SamplingPlan:
+        """Set N steps; predictor–corrector sampling on this scheduler's grid, as its `step_correct` and `step_pred`
+        would take them, ending with the last noise-free mean."""
+        self.set_timesteps(num_inference_steps)
+        self.set_sigmas(num_inference_steps)
+        levels, below = self.predictor_sigmas()
+        c = self.config
+        return SamplingPlan(append_zero(levels), sample_score_sde_ve_on_grid,
+                            {"snr": c["snr"], "correct_steps": c["correct_steps"],
+                             "step_size_per_sample": c["step_size_per_sample"]},
+                            per_step={"model_sigmas": self.sigmas, "sigmas_below": below},
+                            prior_scale=self.init_noise_sigma)
 
     def step_pred(
         self,
@@ -464,6 +493,34 @@ class ScoreSdeVeScheduler(Scheduler):
 
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
+
+
+# Song et al.'s code (score_sde, 2021): the score at the continuous σ(t_i), the predictor between grid levels.
+def sample_score_sde_ve_on_grid(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    model_sigmas: torch.Tensor,
+    sigmas_below: torch.Tensor,
+    snr: float,
+    correct_steps: int,
+    step_size_per_sample: bool,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """`vediff.sampling.solvers.sample_score_sde_ve` as `ScoreSdeVeScheduler` steps: step i evaluates the score at
+    `model_sigmas[i]` and steps from the grid level σ_i down to `sigmas_below[i]`, which differs from σ_{i+1} where
+    two steps share a grid level. Ends with the noise-free mean where `sigmas` ends at 0."""
+    noise = noise or noise_from(None)
+    x_mean = x
+    for i, sigma, _ in step_levels(sigmas, progress):
+        sigma_model, g_squared = float(model_sigmas[i]), sigma**2 - float(sigmas_below[i]) ** 2
+        x, x_mean, denoised = predictor_corrector_step(denoiser, x, sigma_model, g_squared, snr, correct_steps,
+                                                       step_size_per_sample, noise)
+        report_step(callback, i, x, sigma, denoised, sigma_model)
+    return x_mean if float(sigmas[-1]) == 0 else x
 
 
 # DDIM (Song, Meng, Ermon 2021), eq. 12 and §4.2, on a discrete VP β schedule.
@@ -549,6 +606,7 @@ class DDIMScheduler(Scheduler):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
         self._steps: list[int] = []
         self._step_index = 0
 
@@ -563,6 +621,21 @@ class DDIMScheduler(Scheduler):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.tensor(self._steps, device=device)
         self._step_index = 0
+        # The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the ᾱ the last step reaches.
+        alphas = [self.alpha_cumprod(t) for t in [*self._steps, self._previous_at(len(self._steps) - 1)]]
+        self.sigmas = vp_to_ve_sigma(torch.tensor(alphas, dtype=torch.float64).clamp(min=MIN_ALPHA_CUMPROD))
+
+    def plan(self, num_inference_steps: int, eta: float = 0.0, use_clipped_model_output: bool = False) -> SamplingPlan:
+        """Set N steps; DDIM over their noise levels in the VE frame of a σ-denoiser, starting from VP noise
+        x_T ~ N(0, I), i.e. z·√(1 + σ_T²) in the VE frame, and ending back in the VP frame by 1/√(1 + σ_0²)."""
+        self.set_timesteps(num_inference_steps)
+        c = self.config
+        threshold = {"dynamic_thresholding_ratio": c["dynamic_thresholding_ratio"],
+                     "sample_max_value": c["sample_max_value"]} if c["thresholding"] else {}
+        settings = {"eta": eta, "clip_denoised": c["clip_sample"], "clip_range": c["clip_sample_range"],
+                    "use_clipped_model_output": use_clipped_model_output, **threshold}
+        return SamplingPlan(self.sigmas, sample_ddim, settings, prior_scale=math.sqrt(1 + self.sigmas[0].item() ** 2),
+                            output_scale=1 / math.sqrt(1 + self.sigmas[-1].item() ** 2))
 
     def alpha_cumprod(self, timestep: int) -> float:
         """ᾱ_t, with ᾱ_{−1} = 1 (or ᾱ_0 when set_alpha_to_one is off)."""
@@ -593,14 +666,6 @@ class DDIMScheduler(Scheduler):
         """(list position of `timestep` or None, the timestep a step from it goes to)."""
         position = self._position(timestep)
         return position, timestep - self._jump() if position is None else self._previous_at(position)
-
-    def sigmas(self) -> torch.Tensor:
-        """The VE noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) of the timesteps, then that of the ᾱ the last step reaches
-        (0 by default): the `sigmas` argument of `vediff.sampling.solvers.sample_ddim`."""
-        self._require_timesteps()
-        steps = [*self._steps, self._previous_at(len(self._steps) - 1)]
-        alphas = torch.tensor([self.alpha_cumprod(t) for t in steps], dtype=torch.float64)
-        return vp_to_ve_sigma(alphas.clamp(min=MIN_ALPHA_CUMPROD))
 
     def step(
         self,
@@ -688,6 +753,12 @@ class SigmaScheduler(Scheduler):
             sigmas = sigma_schedule(self.config, num_inference_steps)
         self.sigmas = append_zero(sigmas)
         self.timesteps = sigmas.to(device=device, dtype=torch.float32)
+
+    def plan(self, num_inference_steps: int | None, solver: Solver, settings: dict[str, Any],
+             sigmas: Sequence[float] | torch.Tensor | None = None) -> SamplingPlan:
+        """Set N steps (or the given `sigmas`); `solver` with `settings` over them."""
+        self.set_timesteps(num_inference_steps, sigmas=sigmas)
+        return SamplingPlan(self.sigmas, solver, settings)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vediff.models.preconditioning import Denoiser
-from vediff.sampling.solvers import Callback, Noise, _levels
+from vediff.sampling.solvers import Callback, Noise, step_levels
 from vediff.utils import check_count, check_number
 
 # Runs steps [start, stop) of a planned schedule from state x: (x, start, stop) -> x.
@@ -54,7 +54,7 @@ def resample(run: StepRunner, x: torch.Tensor, sigmas: torch.Tensor | Sequence[f
     taken 1 + `resample_steps` times: between takes, x at σ_{i+1} goes back to σ_i by x + √(σ_i² − σ_{i+1}²)·z."""
     check_count("resample_steps", resample_steps, 0)
     last = len(sigmas) - 2
-    for offset, sigma, sigma_next in _levels(sigmas[start:], progress):
+    for offset, sigma, sigma_next in step_levels(sigmas[start:], progress):
         i = start + offset
         x = run(x, i, i + 1)
         for _ in range(resample_steps if i < last else 0):

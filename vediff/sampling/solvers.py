@@ -71,14 +71,14 @@ def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
     return denoiser(x, sigma).to(x.dtype)
 
 
-def _levels(sigmas: torch.Tensor | Sequence[float], progress: bool | dict) -> Iterator[tuple[int, float, float]]:
+def step_levels(sigmas: torch.Tensor | Sequence[float], progress: bool | dict) -> Iterator[tuple[int, float, float]]:
     """(i, σ_i, σ_{i+1}) for each step of the schedule (checked first), behind a progress bar if asked."""
     sigma_list = _sigma_list(sigmas)
     for i in _steps(len(sigma_list) - 1, progress):
         yield i, sigma_list[i], sigma_list[i + 1]
 
 
-def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor,
+def report_step(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor,
             sigma_hat: float | None = None) -> None:
     """Hand step i's state to `callback`, if there is one (k-diffusion's callback dict)."""
     if callback is not None:
@@ -168,6 +168,21 @@ def reverse_diffusion_step(
     return x_mean + g * z, x_mean
 
 
+# Song et al. 2021, Algorithm 2: one step of predictor–corrector sampling.
+def predictor_corrector_step(
+    denoiser: Denoiser, x: torch.Tensor, sigma: float, g_squared: float, snr: float, correct_steps: int,
+    per_sample: bool, noise: Noise,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`correct_steps` Langevin corrections with the score (D − x)/σ² at σ, then the reverse-diffusion predictor with
+    G² = `g_squared`; returns (x, the predictor's noise-free mean, the last denoised estimate)."""
+    for _ in range(correct_steps):
+        score = (_denoise(denoiser, x, sigma) - x) / sigma**2
+        x = langevin_step(x, score, noise(x), snr, per_sample)
+    denoised = _denoise(denoiser, x, sigma)
+    x, x_mean = reverse_diffusion_step(x, (denoised - x) / sigma**2, g_squared, noise(x))
+    return x, x_mean, denoised
+
+
 # DDIM (Song, Meng, Ermon 2021), eq. 12, in the VP frame x = √ᾱ·x_0 + √(1 − ᾱ)·ε.
 def ddim_step(
     x0: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float, eta: float, z: torch.Tensor | None
@@ -209,7 +224,7 @@ def sample_karras_ve(
     check_number("s_max", s_max, at_least=s_min, allow_inf=True)
     noise = noise or noise_from(None)
     n = len(sigmas) - 1
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= sigma <= s_max else 0.0
         eps = noise(x) * s_noise  # drawn at every step, also when γ = 0, as EDM's reference does
         x_hat, sigma_hat = churn(x, sigma, gamma, eps)
@@ -217,7 +232,7 @@ def sample_karras_ve(
         x, d = euler_step(x_hat, denoised, sigma_hat, sigma_next)
         if sigma_next != 0:
             x = heun_step(x_hat, d, x, _denoise(denoiser, x, sigma_next), sigma_hat, sigma_next)
-        _report(callback, i, x, sigma, denoised, sigma_hat)
+        report_step(callback, i, x, sigma, denoised, sigma_hat)
     return x
 
 
@@ -229,41 +244,27 @@ def sample_score_sde_ve(
     *,
     snr: float = 0.16,
     correct_steps: int = 1,
-    model_sigmas: torch.Tensor | None = None,
-    sigmas_below: torch.Tensor | None = None,
     step_size_per_sample: bool = True,
-    return_mean: bool = True,
     noise: Noise | None = None,
     callback: Callback | None = None,
     progress: bool | dict = False,
 ) -> torch.Tensor:
     """Score-SDE VE predictor–corrector (Song et al. 2021): N·(correct_steps + 1) evaluations.
 
-    Step i runs `correct_steps` Langevin corrections, then one reverse-diffusion step from σ_i down to `sigmas_below[i]`
-    (G² = σ_i² − below_i²; by default below_i = σ_{i+1}). Song et al.'s code steps from each grid level to the one below
-    it, which differs from σ_{i+1} when two steps share a grid level. The score is evaluated at `model_sigmas[i]` (the
-    continuous σ(t_i) of Song et al.'s code; by default σ_i). Returns the last noise-free mean. Song et al.'s code
-    averages the Langevin step size over the batch, which couples the images of a batch; `step_size_per_sample` (the
-    default) makes each image depend on its own noise only. A run over the first part of a schedule sets `return_mean`
-    False to get the noisy state to continue from.
+    Step i runs `correct_steps` Langevin corrections at σ_i, then one reverse-diffusion step down to σ_{i+1}. Where
+    the schedule ends at σ = 0 the last noise-free mean is returned, else the state at the last level (to continue
+    from). Song et al.'s code averages the Langevin step size over the batch, which couples the images of a batch;
+    `step_size_per_sample` (the default) makes each image depend on its own noise only.
     """
     check_number("snr", snr, at_least=0)
     check_count("correct_steps", correct_steps, 0)
     noise = noise or noise_from(None)
-    sigma_list = _sigma_list(sigmas)
-    model_list = sigma_list[:-1] if model_sigmas is None else [float(s) for s in model_sigmas]
-    below_list = sigma_list[1:] if sigmas_below is None else _sigma_list(sigmas_below)
     x_mean = x
-    for i in _steps(len(sigma_list) - 1, progress):
-        sigma_model = model_list[i]
-        for _ in range(correct_steps):
-            score = (_denoise(denoiser, x, sigma_model) - x) / sigma_model**2
-            x = langevin_step(x, score, noise(x), snr, step_size_per_sample)
-        denoised = _denoise(denoiser, x, sigma_model)
-        score = (denoised - x) / sigma_model**2
-        x, x_mean = reverse_diffusion_step(x, score, sigma_list[i] ** 2 - below_list[i] ** 2, noise(x))
-        _report(callback, i, x, sigma_list[i], denoised, sigma_model)
-    return x_mean if return_mean else x
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
+        x, x_mean, denoised = predictor_corrector_step(denoiser, x, sigma, sigma**2 - sigma_next**2, snr,
+                                                       correct_steps, step_size_per_sample, noise)
+        report_step(callback, i, x, sigma, denoised)
+    return x_mean if float(sigmas[-1]) == 0 else x
 
 
 # DDIM (Song, Meng, Ermon 2021, eq. 12) written in the VE frame of a σ-denoiser: ᾱ = 1/(1 + σ²), x_ve = x_vp/√ᾱ.
@@ -289,7 +290,7 @@ def sample_ddim(
     instead (as diffusers' DDIMScheduler does when both are set)."""
     check_number("eta", eta, at_least=0)
     noise = noise or noise_from(None)
-    for i, sigma, sigma_prev in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         eps = (x - denoised) / sigma
         if dynamic_thresholding_ratio is not None or clip_denoised:
@@ -299,9 +300,9 @@ def sample_ddim(
                 denoised = denoised.clamp(-clip_range, clip_range)
             if use_clipped_model_output:
                 eps = (x - denoised) / sigma
-        alpha, alpha_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_prev**2)
-        x = ddim_step(denoised, eps, alpha, alpha_prev, eta, noise(x) if eta > 0 else None) / math.sqrt(alpha_prev)
-        _report(callback, i, x, sigma, denoised)
+        alpha, alpha_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+        x = ddim_step(denoised, eps, alpha, alpha_next, eta, noise(x) if eta > 0 else None) / math.sqrt(alpha_next)
+        report_step(callback, i, x, sigma, denoised)
     return x
 
 
@@ -317,10 +318,10 @@ def sample_euler(
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without its Heun step): N
     evaluations, first order."""
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         x, _ = euler_step(x, denoised, sigma, sigma_next)
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
     return x
 
 
@@ -336,13 +337,13 @@ def sample_heun(
 ) -> torch.Tensor:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1): 2N − 1 evaluations, second order; an Euler
     step onto σ = 0."""
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         x_next, d = euler_step(x, denoised, sigma, sigma_next)
         if sigma_next != 0:
             x_next = heun_step(x, d, x_next, _denoise(denoiser, x_next, sigma_next), sigma, sigma_next)
         x = x_next
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
     return x
 
 
@@ -361,13 +362,13 @@ def sample_euler_ancestral(
     """Euler ancestral sampling (Ho et al. 2020 in Karras et al. 2022's VE frame): each step an Euler step down to
     σ_down and fresh noise σ_up·z (`ancestral_split`); N evaluations. η = 0 is `sample_euler`."""
     noise = _fresh_noise(eta, s_noise, noise)
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
         x, _ = euler_step(x, denoised, sigma, sigma_down)
         if sigma_next > 0:  # drawn also when σ_up = 0 (η = 0), as k-diffusion does, so seeded runs replay
             x = x + noise(x) * (s_noise * sigma_up)
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
     return x
 
 
@@ -409,7 +410,7 @@ def sample_dpmpp_2m_sde(
         raise ValueError(f"solver_type: '{solver_type}' is not one of midpoint, heun")
     noise = _fresh_noise(eta, s_noise, noise)
     denoised_prev, h_prev = None, None
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -426,7 +427,7 @@ def sample_dpmpp_2m_sde(
                 x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
             h_prev = h
         denoised_prev = denoised
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
     return x
 
 
@@ -446,7 +447,7 @@ def sample_dpmpp_3m_sde(
     noise drawn afresh; N evaluations. η = 0 is the third-order ODE solver; the last step to σ = 0 returns D."""
     noise = _fresh_noise(eta, s_noise, noise)
     denoised_1 = denoised_2 = h_1 = h_2 = None  # the previous two steps' D and h
-    for i, sigma, sigma_next in _levels(sigmas, progress):
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
         denoised = _denoise(denoiser, x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -468,5 +469,5 @@ def sample_dpmpp_3m_sde(
                 x = x + noise(x) * (s_noise * dpmpp_noise_std(sigma, sigma_next, eta))
             denoised_2, h_2, h_1 = denoised_1, h_1, h
             denoised_1 = denoised
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
     return x

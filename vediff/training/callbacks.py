@@ -19,10 +19,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vediff.models.guidance import check_guide, check_null_label
 from vediff.pipelines.config import SamplerConfig
+from vediff.pipelines.generate import cycle_labels, generate_images, uniform_labels
+from vediff.pipelines.grids import image_grid
 from vediff.pipelines.loading import load_denoiser
 from vediff.pipelines.pipelines import NonFiniteSamplesError
-from vediff.sampling.grids import image_grid
-from vediff.sampling.seeds import batches, cycle_labels, uniform_labels
 from vediff.training.metrics import FeatureName, QualityMetrics, feature_extractor, quantize, reference_statistics
 from vediff.utils import ConfigError, write_atomically
 
@@ -368,19 +368,18 @@ class SampleQuality(Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
         """Sample this process's share of the seeds, then gather the features (a collective) and log FID and KID."""
         self.metrics.to(pl_module.device)
-        pipeline = self.sampler.pipeline(pl_module.denoiser)
-        seeds = list(range(self.seed, self.seed + self.num_images))[trainer.global_rank :: trainer.world_size]
+        seeds = list(range(self.seed, self.seed + self.num_images))
         num_classes = pl_module.denoiser.num_classes
+        labels = uniform_labels(seeds, num_classes) if num_classes else None  # classes drawn uniformly, seeded
         label, failure = self.sampler.label, None
-        for chunk in batches(seeds, self.batch_size):
-            labels = uniform_labels(chunk, num_classes) if num_classes else None  # classes drawn uniformly, seeded
-            try:
-                with trainer.precision_plugin.forward_context():
-                    images = self.sampler.generate(pipeline, chunk, class_labels=labels)
-            except NonFiniteSamplesError as error:
-                failure = error
-                break
-            self.metrics.add_generated(quantize(images.float()))
+        try:
+            for batch in generate_images(pl_module.denoiser, self.sampler, seeds, class_labels=labels,
+                                         batch_size=self.batch_size, rank=trainer.global_rank,
+                                         world_size=trainer.world_size,
+                                         autocast=trainer.precision_plugin.forward_context):
+                self.metrics.add_generated(quantize(batch.images.float()))
+        except NonFiniteSamplesError as error:
+            failure = error
         # A collective, so that every process skips the gathering below together when any of them failed.
         if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
             self.metrics.reset_generated()

@@ -1,24 +1,13 @@
-"""Seeds and class labels of a sampling run: EDM-style lists, and per-image draws independent of batching."""
+"""Seed and class lists on the command line, in EDM's syntax: "0-63", "1,5,9", "0-3,10"."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-
-import torch
 
 from vediff.utils import ConfigError
 
-
-def batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    """Consecutive chunks of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 MAX_SEED = 2**32 - 1  # EDM's seeds are NumPy's: 32-bit
 MAX_SEEDS = 1_000_000  # images per run; FID's protocol takes 50 000
-LABEL_SEED = 2**40  # class draws use seed + LABEL_SEED, a stream apart from the image noise of the same seed
 
 
 def number_spans(text: str, error: str) -> list[tuple[int, int]]:
@@ -55,14 +44,3 @@ def parse_class_labels(text: str, num_classes: int) -> list[int]:
     if max(last for _, last in spans) >= num_classes:
         raise ConfigError(f"--class-labels: '{text}' names a class outside 0-{num_classes - 1}")
     return [label for first, last in spans for label in range(first, last + 1)]
-
-
-def cycle_labels(classes: Sequence[int], count: int) -> list[int]:
-    """Image i gets class `classes[i mod len(classes)]`."""
-    return [classes[i % len(classes)] for i in range(count)]
-
-
-def uniform_labels(seeds: Sequence[int], num_classes: int) -> list[int]:
-    """A uniformly drawn class per seed, from that seed alone: the same for any batch size or process count."""
-    return [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(LABEL_SEED + seed)))
-            for seed in seeds]
