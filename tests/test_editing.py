@@ -130,7 +130,7 @@ def test_image_to_image_follows_sdedit_on_gaussian_data():
 @pytest.mark.parametrize(("call", "message"), [
     ({"mask_image": MASK}, "mask_image: editing needs `image`"),
     ({"strength": 0.5}, "strength: editing needs `image`"),
-    ({"image": IMAGE, "resample_steps": 2}, "resample_steps: resampling is for inpainting"),
+    ({"image": IMAGE, "resample_steps": 2}, "resample_steps: 2 needs `mask_image`; resampling is for inpainting"),
     ({"image": IMAGE, "strength": 0.0}, "strength: 0.0"),
     ({"image": IMAGE, "strength": 1.5}, "strength: 1.5 must lie in (0, 1]"),
     ({"image": IMAGE, "strength": float("nan")}, "strength: nan is not a number"),

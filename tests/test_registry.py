@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,16 @@ def test_every_sampler_refuses_to_return_non_finite_images(name):
     pipeline = config.pipeline(DivergingDenoiser())
     with pytest.raises(NonFiniteSamplesError, match="NaN or infinite values in 2 of 2 images, so none are returned"):
         config.generate(pipeline, [0, 1])
+
+
+def test_sampler_config_fields_that_tools_read_are_the_registrys():
+    # SamplerConfig is built from the registry at import; editors and type checkers read a written copy of its
+    # fields instead (`python -m vediff.pipelines.config` rewrites it), which must not fall behind the registry.
+    from vediff.pipelines import config
+
+    source = Path(config.__file__).read_text()
+    start = source.index(f"\n{config.BEGIN_FIELDS}\n") + len(config.BEGIN_FIELDS) + 2
+    written = source[start : source.index(f"\n{config.END_FIELDS}\n")]
+    assert written == config.typed_fields(), "stale: run python -m vediff.pipelines.config"
+    names = [line.split(":")[0].strip() for line in written.splitlines() if re.match(r" {8}\w+:", line)]
+    assert names == [field.name for field in dataclasses.fields(SamplerConfig)]

@@ -94,6 +94,7 @@ def first_missing(path: Path) -> Path | None:
 
 
 def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

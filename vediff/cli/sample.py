@@ -30,6 +30,7 @@ from vediff.pipelines.grids import grid_size, image_grid, to_uint8
 from vediff.pipelines.hub import resolve
 from vediff.pipelines.inputs import read_image_files
 from vediff.pipelines.loading import denoiser_from_checkpoint, load_denoiser, load_denoiser_folder, read_checkpoint
+from vediff.sampling.editing import check_editing
 from vediff.sampling.registry import SAMPLERS, Setting
 from vediff.training.checkpoints import newest_checkpoint
 from vediff.training.data import ImageDataModule
@@ -128,22 +129,28 @@ def add_editing_arguments(parser: argparse.ArgumentParser) -> None:
                             "one adds the sampler's cost again)")
 
 
+# The pipelines' editing arguments as sample.py names them.
+EDITING_FLAGS = {"image": "--init-image", "mask_image": "--mask", "strength": "--strength",
+                 "resample_steps": "--resample-steps"}
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library's error message with its argument names (leading, or in backticks) replaced by command-line flags."""
+    message = re.sub(r"`(\w+)`", lambda match: flags.get(match[1], match[0]), message)
+    return re.sub(r"^[\w, ]+(?=:)", lambda match: ", ".join(flags.get(name.strip(), name.strip())
+                                                            for name in match[0].split(",")), message)
+
+
 def editing_inputs(args: argparse.Namespace, denoiser, num_seeds: int) -> dict:
     """The editing keyword arguments of the pipeline, per seed in order, checked and read before anything runs."""
     init_image, mask = getattr(args, "init_image", None), getattr(args, "mask", None)
     strength, resample_steps = getattr(args, "strength", None), getattr(args, "resample_steps", None)
-    given = {flag: value for flag, value in (("--mask", mask), ("--strength", strength),
-                                             ("--resample-steps", resample_steps)) if value is not None}
+    try:
+        check_editing(init_image is not None, mask is not None, strength, resample_steps)
+    except ConfigError as error:
+        raise ConfigError(in_flags(str(error), EDITING_FLAGS)) from None
     if init_image is None:
-        if given:
-            raise ConfigError(f"{', '.join(given)}: editing needs --init-image, the image(s) to edit")
         return {}
-    if strength is not None and not 0 < strength <= 1:  # NaN fails too
-        raise ConfigError(f"--strength: {strength} must lie in (0, 1]; 1 runs the whole schedule")
-    if resample_steps is not None and mask is None:
-        raise ConfigError(f"--resample-steps: {resample_steps} needs --mask; resampling is for inpainting")
-    if resample_steps is not None and resample_steps < 0:
-        raise ConfigError(f"--resample-steps: {resample_steps} must be 0 or more")
     channels, size = denoiser.in_channels, denoiser.sample_size
     extra = {"image": read_image_files(init_image, "--init-image", num_seeds, channels, size)}
     if mask is not None:

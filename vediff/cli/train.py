@@ -6,10 +6,11 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -66,8 +67,13 @@ class VediffCLI(LightningCLI):
             "sample_quality.num_images": 0,  # off unless a config asks for it
         })
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then complete and check the config before Lightning reads the checkpoint it names: `--ckpt_path
+        last` becomes the newest run's last.ckpt, and that file is read safely here, so a missing, damaged or foreign
+        checkpoint is a one-line error rather than a traceback from Lightning's own loading."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config  # run=False: no subcommand
         check_accelerator(config.trainer)
         check_sampler_blocks(config)
         logger_args = getattr(config.trainer.get("logger"), "init_args", None)
@@ -79,43 +85,28 @@ class VediffCLI(LightningCLI):
             if root and not Path(logger_args.save_dir).is_absolute():
                 logger_args.save_dir = str(Path(root) / logger_args.save_dir)
             check_writable(logger_args.save_dir, "trainer.logger.init_args.save_dir")
-        if self.subcommand == "fit":
+        if subcommand == "fit":
             check_writable(config.data.root, "data.root")
             if config.get("ckpt_path") == "last":
                 self._resume_newest_run(config)
-        elif self.subcommand is not None:
-            self._checkpoint_to_evaluate(config)
-
-    # Overrides LightningCLI._parse_ckpt_path of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the model's hyperparameters from the checkpoint here; read it first, safely, so that a
-        # missing, damaged or foreign file is a one-line error, and keep its shapes for the check in before_fit.
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        elif subcommand is not None:
+            self._checkpoint_to_evaluate(config, subcommand)
+        path = config.get("ckpt_path") if subcommand else None
         if path and path not in ("last", "best", "hpc", "registry"):
             state_dict = read_checkpoint(path, field="ckpt_path")["state_dict"]
             self.resume_shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
-        super()._parse_ckpt_path()
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        if log_dir:
+            self.trainer.callbacks.append(RemoveRunOnConfigError(first_missing(Path(log_dir))))
 
     def before_fit(self) -> None:
         if getattr(self, "resume_shapes", None) is not None:
             check_same_shapes(self.resume_shapes, self.model, self.config[self.subcommand].ckpt_path)
 
     before_validate = before_test = before_predict = before_fit
-
-    # Overrides LightningCLI._run_subcommand of Lightning 2.6 (pyproject bounds lightning below 2.7 for it).
-    def _run_subcommand(self, subcommand: str) -> None:
-        # Loggers create their folder before data and callbacks are set up; a mistake found there must not leave an
-        # empty run behind (it would also become the run that `--ckpt_path last` resumes).
-        log_dir = getattr(self.trainer.logger, "log_dir", None)
-        created = first_missing(Path(log_dir)) if log_dir else None
-        try:
-            super()._run_subcommand(subcommand)
-        except ConfigError:
-            if created is not None and created.is_dir() and self.trainer.is_global_zero:
-                if not any(created.rglob("*.ckpt")):
-                    shutil.rmtree(created)
-            raise
 
     def _resume_newest_run(self, config) -> None:
         """Point `ckpt_path` at the newest last.ckpt of this logger and reuse that run's log folder."""
@@ -131,13 +122,12 @@ class VediffCLI(LightningCLI):
         config.ckpt_path = str(newest)
         config.trainer.logger.init_args.version = newest.parent.parent.name
         self.save_config_kwargs["overwrite"] = True  # the run's own config.yaml is rewritten, not an error
-        self._parse_ckpt_path()
 
-    def _checkpoint_to_evaluate(self, config) -> None:
+    def _checkpoint_to_evaluate(self, config, subcommand: str) -> None:
         """validate, test and predict evaluate a trained model: `ckpt_path` must name one, and `last` means what it
         means for fit (the newest last.ckpt of this config's runs). Without one Lightning would evaluate the freshly
         initialised network and report its numbers as if they were the model's."""
-        given, command = config.get("ckpt_path"), f"train.py {self.subcommand}"
+        given, command = config.get("ckpt_path"), f"train.py {subcommand}"
         if given in (None, "best", "hpc", "registry"):
             what = "no --ckpt_path" if given is None else f"--ckpt_path {given} (it names a checkpoint of a fit only)"
             raise ConfigError(f"ckpt_path: {command} evaluates a trained model and got {what}; give --ckpt_path last "
@@ -152,7 +142,20 @@ class VediffCLI(LightningCLI):
                               "same config) or give the path of a checkpoint")
         print(f"Evaluating {newest}", file=sys.stderr)
         config.ckpt_path = str(newest)
-        self._parse_ckpt_path()
+
+
+class RemoveRunOnConfigError(Callback):
+    """Loggers create their run folder before data and callbacks are set up; a mistake found there (a ConfigError)
+    must not leave an empty run behind, which would also become the run that `--ckpt_path last` resumes."""
+
+    def __init__(self, created: Path | None) -> None:
+        self.created = created  # the outermost folder the run's log folder will create, or None if it exists
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        created = self.created
+        if isinstance(exception, ConfigError) and trainer.is_global_zero and created is not None \
+                and created.is_dir() and not any(created.rglob("*.ckpt")):
+            shutil.rmtree(created)
 
 
 def check_sampler_blocks(config) -> None:

@@ -74,8 +74,6 @@ class UNetBlock(nn.Module):
         resample: Literal["none", "down", "up"] = "none",
         attention: bool = False,
         channels_per_head: int = 64,
-        label_dim: int = 0,
-        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.resample = resample
@@ -309,10 +307,9 @@ def _check_config(
         raise ConfigError(f"{field}.augment_dim: {augment_dim} must be 0 (no augmentation) or more")
 
 
-# The networks that checkpoints and pipeline folders may name, by class path (module paths of earlier vediff versions
-# included); anything else is refused rather than imported.
+# The networks that checkpoints and pipeline folders may name, by class path (the public name and the module path);
+# anything else is refused rather than imported.
 NETWORKS: dict[str, type[nn.Module]] = {
     "vediff.UNet2D": UNet2D,
     "vediff.models.network.UNet2D": UNet2D,
-    "vediff.network.UNet2D": UNet2D,  # vediff before the sub-packages
 }

@@ -9,9 +9,14 @@ SDE solvers) is a field that defaults to None, meaning the chosen sampler's own 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import textwrap
+import typing
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -175,9 +180,76 @@ def _field(setting: Setting) -> tuple[str, Any, dataclasses.Field]:
     return setting.name, kind, dataclasses.field(default=setting.default)
 
 
-SamplerConfig = dataclasses.make_dataclass(
-    "SamplerConfig",
-    [_field(s) for s in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())],
-    bases=(_SamplerConfigMethods,),
-    namespace={"__doc__": _docstring(), "__module__": __name__},
-)
+def _type_source(kind: Any) -> str:
+    """A field type as source text: `float | None`, `Literal["karras", "ve"]`."""
+    if kind is type(None):
+        return "None"
+    if kind in (int, float, bool, str):
+        return kind.__name__
+    if typing.get_origin(kind) is Literal:
+        return f"Literal[{', '.join(json.dumps(arg) for arg in typing.get_args(kind))}]"
+    return " | ".join(_type_source(arg) for arg in typing.get_args(kind))  # a union
+
+
+def typed_fields() -> str:
+    """SamplerConfig's fields as source lines, for the block below that editors and type checkers read."""
+    lines = []
+    for setting in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values()):
+        name, kind, field = _field(setting)
+        default = field.default
+        value = ("math.inf" if default == math.inf else json.dumps(default) if isinstance(default, str)
+                 else repr(default))
+        line = f"        {name}: {_type_source(kind)} = {value}"
+        if len(line) > 120:  # a long Literal, one choice list wrapped inside its brackets
+            head, _, rest = line.partition("[")
+            choices, _, tail = rest.rpartition("]")
+            wrapped = textwrap.fill(choices, 120, initial_indent=" " * 12, subsequent_indent=" " * 12)
+            line = f"{head}[\n{wrapped},\n        ]{tail}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+BEGIN_FIELDS, END_FIELDS = "        # fields: begin", "        # fields: end"
+
+if TYPE_CHECKING:  # SamplerConfig's fields as tools see them; a test keeps them equal to the registry's
+    @dataclasses.dataclass
+    class SamplerConfig(_SamplerConfigMethods):
+        # fields: begin
+        sampler: Literal[
+            "karras_ve", "score_sde_ve", "ddim", "euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde",
+            "dpmpp_3m_sde",
+        ] = "karras_ve"
+        steps: int | None = None
+        name: str | None = None
+        sigma_min: float | None = None
+        sigma_max: float | None = None
+        guidance_scale: float = 1.0
+        schedule: Literal["karras", "ve"] = "karras"
+        rho: float = 7.0
+        s_churn: float = 0.0
+        s_noise: float = 1.0
+        s_min: float = 0.0
+        s_max: float = math.inf
+        snr: float = 0.16
+        correct_steps: int = 1
+        step_size_per_sample: bool = True
+        eta: float | None = None
+        spacing: Literal["leading", "trailing", "linspace", "quadratic"] = "leading"
+        clip_sample: bool = True
+        solver_type: Literal["midpoint", "heun"] = "midpoint"
+        # fields: end
+else:  # the class itself, built from the registry, so a registered sampler's settings are fields at once
+    SamplerConfig = dataclasses.make_dataclass(
+        "SamplerConfig",
+        [_field(s) for s in (*COMMON_SETTINGS, *REGISTERED_SETTINGS.values())],
+        bases=(_SamplerConfigMethods,),
+        namespace={"__doc__": _docstring(), "__module__": __name__},
+    )
+
+
+if __name__ == "__main__":  # python -m vediff.pipelines.config: rewrite the typed field block from the registry
+    path = Path(__file__)
+    text = path.read_text()
+    start, end = text.index(f"\n{BEGIN_FIELDS}\n") + len(BEGIN_FIELDS) + 1, text.index(f"\n{END_FIELDS}\n")
+    path.write_text(f"{text[:start]}\n{typed_fields()}{text[end:]}")
+    print(f"wrote SamplerConfig's fields into {path}")

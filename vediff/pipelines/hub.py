@@ -25,11 +25,14 @@ from torch import nn
 from vediff.models.external import EXTERNAL_DENOISERS, ExternalDenoiser, VPDenoiser
 from vediff.utils import ConfigError, one_line, read_json_object, write_json
 
-UNET_CONFIG, SCHEDULER_CONFIG = "unet/config.json", "scheduler/scheduler_config.json"
+# The layout of a pipeline folder, diffusers' and vediff's alike.
+MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 DENOISER_KEY = "_vediff_denoiser"
 NETWORK_CLASS = "UNet2DModel"  # the pixel-space networks of diffusers' unconditional and class-conditional pipelines
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_FILES = ["model_index.json", "unet/*", "scheduler/*"]
+HUB_FILES = [MODEL_INDEX, "unet/*", "scheduler/*"]
 INSTALL_HINT = "pip install 'vediff[diffusers]'"
 
 
@@ -98,7 +101,7 @@ VP_SCHEDULERS = (
 def check_pixel_pipeline(folder: Path, field: str) -> None:
     """Refuse a diffusers folder whose model_index.json names a pipeline vediff does not sample: one with an
     autoencoder or text encoder beside its network, or a class not known to hold a pixel-space UNet2DModel."""
-    path = folder / "model_index.json"
+    path = folder / MODEL_INDEX
     if not path.is_file():
         return  # a bare unet/ + scheduler/ folder: the network's own class is checked below
     index = read_json_object(path, _prefix(field))

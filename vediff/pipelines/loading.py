@@ -30,17 +30,17 @@ from vediff.models.external import ExternalDenoiser
 from vediff.models.network import NETWORKS
 from vediff.models.preconditioning import PRECONDITIONING_NAMES, EDMPrecond, Precond, build_denoiser
 from vediff.pipelines.hub import (
+    MODEL_INDEX,
     NETWORK_CLASS,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    UNET_WEIGHTS,
     is_diffusers_folder,
     load_diffusers_denoiser,
     resolve,
     save_diffusers_denoiser,
 )
 from vediff.utils import ConfigError, class_path, first_nonfinite, write_atomically, write_json
-
-MODEL_INDEX, UNET_CONFIG = "model_index.json", "unet/config.json"
-UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 def precond_config(denoiser: Precond) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from vediff.pipelines.schedulers import (
     ScoreSdeVeScheduler,
     SigmaScheduler,
 )
-from vediff.sampling.editing import first_step, impute, resample
+from vediff.sampling.editing import check_editing, first_step, impute, resample
 from vediff.sampling.registry import SAMPLERS
 from vediff.sampling.solvers import Callback, Generators, noise_from, randn
 from vediff.utils import ConfigError, package_version, write_json
@@ -255,12 +255,7 @@ class ImagePipeline:
             raise ValueError(f"batch_size: {batch_size} must be a positive integer")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-        orphans = [name for name, value in (("mask_image", mask_image), ("strength", strength),
-                                            ("resample_steps", resample_steps or None)) if value is not None]
-        if orphans and image is None:
-            raise ValueError(f"{', '.join(orphans)}: editing needs `image`, the picture to inpaint or transform")
-        if resample_steps and mask_image is None:
-            raise ValueError("resample_steps: resampling is for inpainting; give mask_image as well")
+        check_editing(image is not None, mask_image is not None, strength, resample_steps)
         data_range = getattr(self.unet, "data_range", (-1.0, 1.0))
         z = self._initial_noise(batch_size, generator, dtype)
         keep, start = None, 0

@@ -19,7 +19,7 @@ import torch
 
 from vediff.models.preconditioning import Denoiser
 from vediff.sampling.solvers import Callback, Noise, step_levels
-from vediff.utils import check_count, check_number
+from vediff.utils import ConfigError, check_count, check_number
 
 # Runs steps [start, stop) of a planned schedule from state x: (x, start, stop) -> x.
 StepRunner = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -37,13 +37,27 @@ def impute(denoiser: Denoiser, known: torch.Tensor, keep: torch.Tensor) -> Denoi
     return imputed
 
 
+def check_editing(image: bool, mask_image: bool, strength: float | None, resample_steps: int | None) -> None:
+    """Raise a ConfigError naming the argument unless the editing arguments fit together: `image` and `mask_image`
+    say whether those are given, `strength` lies in (0, 1], `resample_steps` is a count and needs a mask."""
+    orphans = [name for name, given in (("mask_image", mask_image), ("strength", strength is not None),
+                                        ("resample_steps", bool(resample_steps))) if given]
+    if orphans and not image:
+        raise ConfigError(f"{', '.join(orphans)}: editing needs `image`, the picture to inpaint or transform")
+    if strength is not None:
+        check_number("strength", strength)
+        if not 0 < strength <= 1:
+            raise ConfigError(f"strength: {strength} must lie in (0, 1]; 1 runs the whole schedule")
+    if resample_steps is not None:
+        check_count("resample_steps", resample_steps, 0)
+        if resample_steps and not mask_image:
+            raise ConfigError(f"resample_steps: {resample_steps} needs `mask_image`; resampling is for inpainting")
+
+
 # Meng et al. 2022 (SDEdit) with the strength of diffusers 0.42's image-to-image pipelines.
 def first_step(strength: float, steps: int) -> int:
-    """The step at which image-to-image starts: N − ⌊N·strength⌋, so ⌊N·strength⌋ steps run (N when strength is 1;
-    none, and the image comes back, when N·strength < 1)."""
-    check_number("strength", strength, above=0)
-    if strength > 1:
-        raise ValueError(f"strength: {strength} must lie in (0, 1]; 1 runs the whole schedule")
+    """The step at which image-to-image starts (`strength` checked by `check_editing`): N − ⌊N·strength⌋, so
+    ⌊N·strength⌋ steps run (N when strength is 1; none, and the image comes back, when N·strength < 1)."""
     return steps - min(int(steps * strength), steps)
 
 
@@ -52,7 +66,6 @@ def resample(run: StepRunner, x: torch.Tensor, sigmas: torch.Tensor | Sequence[f
              resample_steps: int, noise: Noise, progress: bool | dict = False) -> torch.Tensor:
     """Steps `start`…N − 1 of `sigmas` (N + 1 levels, VE frame) one at a time through `run`, each step but the last
     taken 1 + `resample_steps` times: between takes, x at σ_{i+1} goes back to σ_i by x + √(σ_i² − σ_{i+1}²)·z."""
-    check_count("resample_steps", resample_steps, 0)
     last = len(sigmas) - 2
     for offset, sigma, sigma_next in step_levels(sigmas[start:], progress):
         i = start + offset

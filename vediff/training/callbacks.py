@@ -127,8 +127,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     end of the training batch, so a preempted job saves at once instead of validating first. Under DDP that check is
     Lightning's own, which agrees across processes.
 
-    `on_train_epoch_end` calls ModelCheckpoint's `_save_checkpoint` and `_monitor_candidates`, private in Lightning
-    2.6, whose signatures it mirrors; pyproject.toml bounds lightning below 2.7 for them.
+    The one use of Lightning's private API in vediff, and why pyproject.toml bounds lightning below 2.7: the save at
+    the end of a run (`on_train_epoch_end`) goes through ModelCheckpoint's `_save_checkpoint`, `_monitor_candidates`
+    and `_last_global_step_saved`, because no public hook saves through ModelCheckpoint's own bookkeeping (the step it
+    last saved, its file naming and rotation); `trainer.save_checkpoint` would bypass it and write the same step twice
+    at the ends ModelCheckpoint saves itself.
     """
 
     def on_train_batch_end(
