@@ -1,6 +1,7 @@
 """train.py end to end in a subprocess: fit, TensorBoard scalars, checkpoints, resume, configs, and bad input."""
 
 import glob
+import importlib.util
 import io
 import math
 import os
@@ -229,6 +230,9 @@ BAD_INPUT = [  # every place a user types something: flags, config values, paths
 ]
 if not torch.cuda.is_available():  # the README's own command on a machine without GPUs
     BAD_INPUT.append((["--config", "cifar10.yaml"], "--trainer.accelerator cpu"))
+if importlib.util.find_spec("wandb") is None:  # docs/configs.md's logger example without its package
+    BAD_INPUT.append(([*DIGITS, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger"],
+                      "lightning.pytorch.loggers.WandbLogger cannot be built: Requirement 'wandb"))
 
 
 class RunsCode:

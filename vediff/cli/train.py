@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -95,6 +96,19 @@ class VediffCLI(LightningCLI):
         if path and path not in ("last", "best", "hpc", "registry"):
             state_dict = read_checkpoint(path, field="ckpt_path")["state_dict"]
             self.resume_shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a class named in the config that cannot be built (a logger whose package is missing) is
+        one line naming the class and the reason, not jsonargparse's report of every type it tried."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            if isinstance(error, ConfigError):
+                raise
+            problem = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", str(error))
+            if problem is None:
+                raise
+            raise ConfigError(f"{problem[1]} cannot be built: {problem[2].strip()}") from None
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
