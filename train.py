@@ -36,7 +36,7 @@ Evaluate the newest run's checkpoint: held-out bits/dim through the probability-
 
     python train.py test --config digits.yaml --ckpt_path last
 
-Several processes (Lightning DDP; torchrun and SLURM work too, see the README):
+Several processes (Lightning DDP; torchrun and SLURM work too, see docs/faults.md):
 
     python train.py fit --config cifar10.yaml --trainer.devices 8
 

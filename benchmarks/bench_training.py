@@ -1,6 +1,6 @@
 """Training overhead: images/s of Lightning's `trainer.fit` steps against a bare PyTorch loop, side by side.
 
-Both train the digits config's network (1.03 M parameters, batch 128) with the same EDM preconditioning, loss and
+Both train the digits config's network at its batch (configs/digits.yaml) with the same EDM preconditioning, loss and
 Adam step on the same images held in memory. The Lightning run has everything `train.py` adds: the EMA callback,
 TensorBoard logging, the learning-rate monitor, checkpoints (every 5 epochs, atomic writes) and the data module. The
 bare loop has the network, loss and optimizer only. Steps are timed from the end of one to the end of the next,
@@ -20,13 +20,13 @@ import time
 import lightning as L
 import torch
 from common import synchronize, table, write_section
-from models import DIGITS, parameters
+from models import DIGITS, DIGITS_BATCH, parameters
 
 from vediff import EDMLoss, EDMPrecond, HalfLifeEMA, ImageDataModule, UNet2D, VEDiffusion
 from vediff.training.callbacks import ResumableCheckpoint
 from vediff.training.checkpoints import AtomicCheckpointIO
 
-BATCH, WARMUP = 128, 10
+BATCH, WARMUP = DIGITS_BATCH, 10
 
 
 class StepTimes(L.Callback):
@@ -123,7 +123,7 @@ def main() -> None:
         f"\nRuns: bare {', '.join(f'{s * 1e3:.0f}' for s in bare)} ms; Lightning "
         f"{', '.join(f'{s * 1e3:.0f}' for s in lightning)} ms."
     )
-    write_section("training", "Training step overhead: Lightning vs a bare loop", body)
+    write_section("overhead", "Training step overhead: Lightning vs a bare loop", body)
 
 
 if __name__ == "__main__":

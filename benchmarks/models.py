@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from vediff import EDMPrecond, UNet2D
 
-# The digits config's UNet (1.03 M parameters), and a CIFAR-10-shaped DDPM++ narrowed to keep CPU runs short.
-DIGITS = dict(sample_size=8, in_channels=1, model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4],
-              dropout=0.0)
+# The digits config's UNet, read from configs/digits.yaml so the two cannot drift apart, and a CIFAR-10-shaped DDPM++
+# narrowed to keep CPU runs short.
+DIGITS_CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "digits.yaml").read_text())
+DIGITS = dict(sample_size=DIGITS_CONFIG["data"]["image_size"], in_channels=1,
+              **DIGITS_CONFIG["model"]["net"]["init_args"])
+DIGITS_BATCH = DIGITS_CONFIG["data"]["batch_size"]
 CIFAR_SHAPED = dict(sample_size=32, in_channels=3, model_channels=64, channel_mult=[1, 2, 2], num_blocks=2,
                     attn_resolutions=[16], dropout=0.0)
 MODELS = {"digits 8×8×1": DIGITS, "CIFAR-shaped 32×32×3": CIFAR_SHAPED}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import REPO, machine, table
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from vediff.models.preconditioning import Denoiser
 from vediff.pipelines.config import SamplerConfig
@@ -142,20 +142,53 @@ def plot(points: dict[str, list[tuple[int, float]]], panels: dict[str, tuple[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    # One colour and marker per sampler, the same in every panel it appears in.
+    styles = {label: (plt.get_cmap("tab20")(i % 20), "osD^v<>"[i % 7]) for i, label in enumerate(points)}
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    # Minor ticks of a log axis labelled at 2 and 5 only: 0.2, 0.5, 2, 5 between the powers of ten.
+    sparse = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else "")
     figure, axes_row = plt.subplots(1, len(PANELS), figsize=(13, 5), dpi=110, sharey=True)
     for axes, (panel, panel_title) in zip(axes_row, PANELS.items(), strict=True):
         for label, curve in points.items():
             if panel in panels[label]:
-                axes.plot(*zip(*curve, strict=True), marker="o", label=label)
+                color, marker = styles[label]
+                axes.plot(*zip(*curve, strict=True), marker=marker, color=color, label=label)
         axes.set_xscale("log")
         axes.set_yscale("log")
+        axes.set_xticks(BUDGETS)
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(sparse)
         axes.set_xlabel("network evaluations per image")
         axes.set_title(panel_title, fontsize=10)
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=7)
     axes_row[0].set_ylabel("pixel-space FID to the training set (lower is better)")
     figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_grid(images: torch.Tensor, row_labels: list[str], per_row: int, path: Path) -> None:
+    """The images, one row per sampler, each row labelled; pixels drawn as sharp squares (no interpolation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = make_grid(images, nrow=per_row, padding=1, pad_value=1.0)[0].numpy()
+    size = images.shape[-1] + 1
+    figure, axes = plt.subplots(figsize=(2.2 + per_row * 0.7, len(row_labels) * 0.7), dpi=110)
+    axes.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes.set_yticks([size * (i + 0.5) for i in range(len(row_labels))], row_labels, fontsize=9)
+    axes.set_xticks([size * (i + 0.5) for i in range(per_row)], [f"seed {i}" for i in range(per_row)], fontsize=7)
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -173,6 +206,7 @@ def plot_guidance(rows: list[tuple[float, float, float, float]], path: Path, tit
     left.plot(w, accuracy, marker="o", label="requested digit recognised")
     left.plot(w, confidence, marker="s", label="classifier confidence in it")
     left.set_xlabel("guidance scale w")
+    left.set_ylabel("fraction of samples / mean confidence")
     left.set_ylim(0, 1.02)
     left.legend(fontsize=8)
     right.plot(w, fid, marker="o", color="tab:red")
@@ -299,10 +333,8 @@ def measure_tradeoff(args, ckpt: Path, denoiser, data: ImageDataModule, metrics:
     grid_seeds = list(range(10))
     rows_of_images = [sample(SamplerConfig(**settings), denoiser, grid_seeds, len(grid_seeds))
                       for _, settings in GRID_ROWS]
-    grid = make_grid(torch.cat(rows_of_images).float(), nrow=len(grid_seeds), padding=1)
-    # Nearest-neighbour upscaling so that 8×8 digits are readable on a web page; no pixel is invented.
-    zoom = max(1, 64 // data.image_size)
-    save_image(grid.repeat_interleave(zoom, dim=-1).repeat_interleave(zoom, dim=-2), args.outdir / "sampler_grid.png")
+    plot_grid(torch.cat(rows_of_images).float(), [label for label, _ in GRID_ROWS], len(grid_seeds),
+              args.outdir / "sampler_grid.png")
     at_ten = {label: dict(curve).get(10) for label, curve in points.items()}
     at_ten = {label: fid for label, fid in at_ten.items() if fid is not None}
     best = min(at_ten, key=at_ten.get) if at_ten else None

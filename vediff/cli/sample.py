@@ -471,9 +471,9 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[Denoiser, dict | N
             raise ConfigError(f"--ema-std: reconstructs from a training run's snapshots, and '{ckpt}' is a pipeline "
                               "folder; give the run's checkpoint (lightning_logs/<name>/version_<n>/checkpoints/…)")
         return load_denoiser_folder(ckpt, field="--ckpt"), None
-    checkpoint = read_checkpoint(ckpt)
+    checkpoint = read_checkpoint(ckpt, "--ckpt")
     if ema_std is None:
-        return denoiser_from_checkpoint(checkpoint, ckpt), checkpoint
+        return denoiser_from_checkpoint(checkpoint, ckpt, "--ckpt"), checkpoint
     return reconstructed(ckpt, ema_std, getattr(args, "ema_at", None), "--ema-std", "--ema-at"), checkpoint
 
 

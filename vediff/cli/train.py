@@ -172,6 +172,19 @@ class RemoveRunOnConfigError(Callback):
             shutil.rmtree(created)
 
 
+# The network's arguments as the training config names them (data.image_size sets the network's sample_size).
+CONFIG_FIELDS = {"UNet2D.sample_size": "data.image_size (model.net.init_args.sample_size)",
+                 "UNet2D": "model.net.init_args"}
+
+
+def in_config_terms(message: str) -> str:
+    """A library error about the network, with its argument named as the config names it."""
+    for name, field in CONFIG_FIELDS.items():
+        if message.startswith(name):
+            return field + message.removeprefix(name)
+    return message
+
+
 def check_sampler_blocks(config) -> None:
     """Build each sampler block of the callbacks once, so that a bad value is a ConfigError naming its block: built
     later, inside jsonargparse's instantiation of an optional type, it would be a multi-line ValueError instead."""
@@ -250,7 +263,7 @@ def main(config_dirs: Sequence[Path] = ()) -> None:
             },
         )
     except ConfigError as error:
-        fail(str(error))
+        fail(in_config_terms(str(error)))
     except MisconfigurationException as error:  # Lightning's own refusal of a setting, e.g. more devices than exist
         fail(f"trainer: {error}")
     except (NonFiniteLossError, NonFiniteWeightsError, CheckpointWriteError) as error:

@@ -105,7 +105,7 @@ def conditioned(
 ) -> Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]:
     """The plain D(x, sigma) a sampler walks: `denoiser` with a batch's labels bound, guided by `guidance_scale`
     against the null label or, given one, against `guide`."""
-    check_guidance_scale(guidance_scale)
+    guided_denoiser = guided(denoiser, guidance_scale, guide)  # checks the scale
     if guide is not None:
         check_guide(denoiser, guide)
     elif class_labels is None:
@@ -118,5 +118,4 @@ def conditioned(
     labels = None
     if class_labels is not None:
         labels = one_hot(class_labels, getattr(denoiser, "num_classes", 0), batch_size, device)
-    guided_denoiser = guided(denoiser, guidance_scale, guide)
     return lambda x, sigma: guided_denoiser(x, sigma, labels)

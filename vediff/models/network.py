@@ -276,7 +276,7 @@ def _check_config(
     label_dropout: float = 0.0, augment_dim: int = 0, **_: object,
 ) -> None:
     """Raise a ConfigError naming the first UNet2D argument that cannot build a network."""
-    field = "model.net.init_args"
+    field = "UNet2D"
     if in_channels < 1 or model_channels < 4 or num_blocks < 1 or not channel_mult or channels_per_head < 1:
         raise ConfigError(
             f"{field}: in_channels, model_channels (>= 4), num_blocks, channels_per_head must be positive "
@@ -288,7 +288,7 @@ def _check_config(
     factor = 2 ** (len(channel_mult) - 1)
     if sample_size < factor or sample_size % factor:
         raise ConfigError(
-            f"data.image_size ({field}.sample_size): {sample_size} must be a positive multiple of {factor} (the UNet "
+            f"{field}.sample_size: {sample_size} must be a positive multiple of {factor} (the UNet "
             f"halves the image {len(channel_mult) - 1} times); use e.g. {max(factor, sample_size // factor * factor)}"
         )
     resolutions = [sample_size >> level for level in range(len(channel_mult))]

@@ -40,7 +40,7 @@ def _prefix(field: str) -> str:
     return f"{field}: " if field else ""
 
 
-def resolve(path: str | Path, field: str = "--ckpt") -> Path:
+def resolve(path: str | Path, field: str = "") -> Path:
     """A local path as given; a Hub id ("org/name") that is not a local path, as its folder in the Hugging Face cache.
 
     A cached id is used without touching the network. Otherwise the id's pipeline files (model_index.json, unet/,
@@ -138,7 +138,7 @@ def denoiser_spec(unet_config: dict[str, Any], scheduler_config: dict[str, Any])
     return {"type": "vp", **{key: value for key, value in scheduler_config.items() if key in accepted}}
 
 
-def load_diffusers_denoiser(folder: str | Path, field: str = "--ckpt") -> ExternalDenoiser:
+def load_diffusers_denoiser(folder: str | Path, field: str = "") -> ExternalDenoiser:
     """The network of a diffusers pipeline folder as a vediff denoiser, in eval mode on the CPU."""
     folder = Path(folder)
     check_pixel_pipeline(folder, field)

@@ -140,7 +140,7 @@ def load_denoiser_folder(folder: str | Path, field: str = "") -> Precond | Exter
     return denoiser.eval()
 
 
-def load_denoiser(path: str | Path, field: str = "--ckpt") -> Precond | ExternalDenoiser:
+def load_denoiser(path: str | Path, field: str = "") -> Precond | ExternalDenoiser:
     """The denoiser of a training checkpoint (its EMA weights), of a pipeline folder (vediff's or diffusers'), or of a
     Hugging Face Hub id, in eval mode on the CPU.
 
@@ -155,7 +155,7 @@ def load_denoiser(path: str | Path, field: str = "--ckpt") -> Precond | External
     return denoiser_from_checkpoint(read_checkpoint(path, field), path, field)
 
 
-def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
+def read_checkpoint(path: str | Path, field: str = "") -> dict:
     """Tensors and plain data only (`weights_only`): a checkpoint cannot run code while it loads.
 
     `field` names the flag that gave the path in the one-line errors.
@@ -183,7 +183,7 @@ def read_checkpoint(path: str | Path, field: str = "--ckpt") -> dict:
     return checkpoint
 
 
-def denoiser_from_checkpoint(checkpoint: dict, path: str | Path, field: str = "--ckpt") -> Precond:
+def denoiser_from_checkpoint(checkpoint: dict, path: str | Path, field: str = "") -> Precond:
     """The denoiser of an already read training checkpoint (`path` only names it in errors)."""
     prefix = f"{field}: " if field else ""
     hparams = checkpoint["hyper_parameters"]

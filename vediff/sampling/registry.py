@@ -2,7 +2,7 @@
 
 `SamplerConfig` (its fields and their docs), `sample.py`'s flags, the YAML blocks of the grid and FID callbacks, the
 pipelines and the docs all read `SAMPLERS`. Adding a sampler is one solver function in `vediff.sampling.solvers`, one
-`Sampler` entry here and its tests; see the README's "Adding a sampler".
+`Sampler` entry here and its tests; see docs/adding-a-sampler.md.
 """
 
 from __future__ import annotations
