@@ -8,6 +8,7 @@
     python sample.py --ckpt cond.ckpt --class-labels 0-9 --guidance 2 --grid   # one row per class, guided
     python sample.py --ema-std 0.08 --grid                     # the run's post-hoc EMA average of length 0.08
     python sample.py --guide guide.ckpt --guidance 1.5 --grid  # autoguidance by a weaker model of the same task
+    python sample.py --ckpt ect.ckpt --sampler consistency --steps 2 --grid   # a consistency-tuned model, 2 steps
 
 Each image comes from its own seed: the same seed gives the same image whatever --batch-size. Outputs go to --outdir:
 <seed>.png per image, grid.png (--grid; small images enlarged to at least --grid-min-size px, 0 for native size),

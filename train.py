@@ -32,6 +32,11 @@ A guide for autoguidance of the quick start (sample.py --guide; docs/training.md
 
 Non-leaking augmentation (EDM's; the CIFAR-10 configs use p = 0.12):  --data.augment 0.12
 
+Consistency tuning (ECT) of a trained run, for one- and two-step sampling (sample.py --sampler consistency; the
+newest digits run unless --model.init_from names another checkpoint; docs/consistency.md):
+
+    python train.py fit --config digits_ect.yaml
+
 Evaluate the newest run's checkpoint: held-out bits/dim through the probability-flow ODE (and FID where configured):
 
     python train.py test --config digits.yaml --ckpt_path last

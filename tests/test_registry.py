@@ -91,14 +91,20 @@ def test_a_setting_shared_with_different_defaults_takes_each_samplers_own():
     assert "bad" not in SAMPLERS
 
 
+def steps_for(name: str, steps: int) -> int:
+    """`steps`, or the most the sampler takes (consistency sampling: two)."""
+    return min(steps, SAMPLERS[name].max_steps)
+
+
 def test_nfe_is_what_the_registry_states():
     cases = [(name, {}) for name in SAMPLERS] + [("score_sde_ve", {"correct_steps": 2}),
                                                   ("karras_ve", {"s_churn": 40.0})]
     for name, settings in cases:
         denoiser = CountingDenoiser()
-        config = SamplerConfig(sampler=name, steps=7, **settings)
+        steps = steps_for(name, 7)
+        config = SamplerConfig(sampler=name, steps=steps, **settings)
         config.generate(config.pipeline(denoiser), [0, 1])
-        assert denoiser.calls == config.nfe == SAMPLERS[name].nfe(7, config.settings), name
+        assert denoiser.calls == config.nfe == SAMPLERS[name].nfe(steps, config.settings), name
 
 
 def test_the_settings_table_of_the_docs_is_the_registry():
@@ -120,11 +126,11 @@ def test_solver_function_defaults_are_the_registry_defaults():
 
 def test_every_registered_sampler_runs_through_its_pipeline_and_through_solverpipeline():
     for name in SAMPLERS:
-        pipeline = SamplerConfig(sampler=name, steps=3).pipeline(GaussianDenoiser())
+        pipeline = SamplerConfig(sampler=name, steps=steps_for(name, 3)).pipeline(GaussianDenoiser())
         assert type(pipeline) is PIPELINES.get(name, SolverPipeline)
         generic = SolverPipeline(GaussianDenoiser(), SigmaScheduler(0.01, 20.0), name)
         generic.set_progress_bar_config(disable=True)
-        out = generic(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+        out = generic(batch_size=2, num_inference_steps=steps_for(name, 3), generator=torch.Generator().manual_seed(0),
                       output_type="pt").images
         assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
 
@@ -135,7 +141,7 @@ PROBES = {
     "schedule": ("ve", {}), "rho": (3.0, {}), "s_churn": (40.0, {}), "s_noise": (1.05, {}),
     "s_min": (0.5, {"s_churn": 40.0}), "s_max": (2.0, {"s_churn": 40.0}), "snr": (0.3, {}),
     "correct_steps": (2, {}), "step_size_per_sample": (False, {}), "eta": (0.5, {}), "spacing": ("trailing", {}),
-    "clip_sample": (False, {}), "solver_type": ("heun", {}),
+    "clip_sample": (False, {}), "solver_type": ("heun", {}), "sigma_mid": (0.5, {}),
 }
 SAMPLER_PROBES = {("karras_ve", "s_noise"): (1.05, {"s_churn": 40.0}), ("ddim", "eta"): (1.0, {})}
 DATA_MEAN = {"clip_sample": 1.5}
@@ -151,7 +157,7 @@ def test_each_setting_reaches_the_images_from_flags_and_from_yaml(owner, setting
     value, base = SAMPLER_PROBES.get((owner, setting), PROBES[setting])
 
     def flags(settings: dict) -> list[str]:
-        out = ["--sampler", owner, "--steps", "4"]
+        out = ["--sampler", owner, "--steps", str(steps_for(owner, 4))]
         for key, item in settings.items():
             flag = f"--{key.replace('_', '-')}"
             if isinstance(item, bool):
@@ -167,9 +173,10 @@ def test_each_setting_reaches_the_images_from_flags_and_from_yaml(owner, setting
     assert not torch.allclose(images(plain, mu=mu), images(probed, mu=mu))
     # The same block as YAML (--config), and flags on top of it win.
     block = tmp_path / "sampler.yaml"
-    block.write_text(yaml.safe_dump({"sampler": owner, "steps": 4, **base, setting: value}))
+    block.write_text(yaml.safe_dump({"sampler": owner, "steps": steps_for(owner, 4), **base, setting: value}))
     assert parse("--config", str(block)) == probed
-    assert parse("--config", str(block), "--steps", "5").steps == 5
+    other = 5 if SAMPLERS[owner].max_steps >= 5 else 1
+    assert parse("--config", str(block), "--steps", str(other)).steps == other
 
 
 def write_yaml(path, content) -> str:
@@ -257,7 +264,7 @@ class DivergingDenoiser(GaussianDenoiser):
 def test_every_sampler_refuses_to_return_non_finite_images(name):
     from vediff import NonFiniteSamplesError
 
-    config = SamplerConfig(sampler=name, steps=4)
+    config = SamplerConfig(sampler=name, steps=steps_for(name, 4))
     pipeline = config.pipeline(GaussianDenoiser())
     assert torch.isfinite(config.generate(pipeline, [0, 1])).all()  # the same run over a sound model is fine
     pipeline = config.pipeline(DivergingDenoiser())

@@ -15,7 +15,7 @@ Layers, each importing only those above it:
 from vediff.models.external import VEScoreDenoiser, VPDenoiser
 from vediff.models.guidance import guided
 from vediff.models.network import UNet2D
-from vediff.models.preconditioning import Denoiser, EDMPrecond, VEPrecond
+from vediff.models.preconditioning import Denoiser, ECTPrecond, EDMPrecond, VEPrecond
 from vediff.pipelines.config import SamplerConfig
 from vediff.pipelines.generate import ImageBatch, generate_images
 from vediff.pipelines.loading import load_denoiser
@@ -43,6 +43,7 @@ from vediff.sampling.editing import impute, resample
 from vediff.sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 from vediff.sampling.registry import SAMPLERS, Sampler, Setting
 from vediff.sampling.solvers import (
+    sample_consistency,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -55,7 +56,7 @@ from vediff.sampling.solvers import (
 )
 from vediff.training.callbacks import HalfLifeEMA, SampleGrids, SampleQuality
 from vediff.training.data import ImageDataModule
-from vediff.training.losses import EDMLoss, VELoss
+from vediff.training.losses import ECTLoss, EDMLoss, VELoss
 from vediff.training.module import VEDiffusion
 from vediff.training.posthoc_ema import PostHocEMA, reconstruct_ema
 from vediff.utils import ConfigError, append_dims, package_version
@@ -70,6 +71,8 @@ __all__ = [
     "DDIMScheduler",
     "DDIMSchedulerOutput",
     "Denoiser",
+    "ECTLoss",
+    "ECTPrecond",
     "EDMLoss",
     "EDMPrecond",
     "HalfLifeEMA",
@@ -109,6 +112,7 @@ __all__ = [
     "log_likelihood",
     "reconstruct_ema",
     "resample",
+    "sample_consistency",
     "sample_ddim",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",

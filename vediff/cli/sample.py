@@ -524,9 +524,10 @@ def write_samples(fabric: Fabric, args: argparse.Namespace, config: SamplerConfi
                   quality: QualitySetup | None, outputs: OutputFolder) -> None:
     """Sample this process's share of the seeds into `outputs`, then (rank zero) the grid, npz and FID."""
     # Editing runs part of the schedule (strength) or steps again (resampling): the registry's count does not apply.
-    cost = "" if editing else f", {config.nfe} network evaluations per image"
+    plural = "s" if config.nfe != 1 else ""
+    cost = "" if editing else f", {config.nfe} network evaluation{plural} per image"
     if guide is not None and not editing:  # autoguidance evaluates the guide as often as the main model
-        cost = f", {config.nfe} evaluations of each network (main and guide) per image"
+        cost = f", {config.nfe} evaluation{plural} of each network (main and guide) per image"
     fabric.print(f"{'Editing images with' if editing else 'Sampling'} {ckpt} with {config.sampler}{cost}")
     start = time.perf_counter()
     denoiser = denoiser.to(fabric.device)

@@ -93,6 +93,8 @@ class VediffCLI(LightningCLI):
         elif subcommand is not None:
             self._checkpoint_to_evaluate(config, subcommand)
         path = config.get("ckpt_path") if subcommand else None
+        if path and config.model.get("init_from"):
+            config.model.init_from = None  # the checkpoint brings its own weights: the teacher is not read again
         if path and path not in ("last", "best", "hpc", "registry"):
             state_dict = read_checkpoint(path, field="ckpt_path")["state_dict"]
             self.resume_shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}

@@ -146,8 +146,27 @@ class EDMPrecond(Precond):
         return c_skip, c_out, c_in, c_noise
 
 
+# Geng et al. 2024 (ECT), after Song et al. 2023: EDM's preconditioning with c_skip(σ_min) = 1 and c_out(σ_min) = 0.
+class ECTPrecond(EDMPrecond):
+    """The consistency function f(x; σ) of a consistency model, with EDM's parameterisation shifted by σ_min.
+
+    c_skip = σ_d²/((σ − σ_min)² + σ_d²), c_out = (σ − σ_min)·σ_d/√(σ² + σ_d²), c_in and c_noise as EDM's, so
+    f(x; σ_min) = x exactly (the boundary condition) and, far above σ_min, f starts from the EDM denoiser it is tuned
+    from. It keeps the denoiser contract: every sampler runs on it; `sampler="consistency"` is the one it is made for.
+    """
+
+    is_consistency_model = True
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sigma_data, shifted = self.sigma_data, sigma - self.sigma_min
+        norm = torch.sqrt(sigma**2 + sigma_data**2)
+        c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+        c_out = shifted * sigma_data / norm
+        return c_skip, c_out, 1 / norm, torch.log(sigma) / 4
+
+
 # The preconditionings by the name `VEDiffusion(precond=...)` takes, and those names by class (as files record them).
-PRECONDITIONINGS: dict[str, type[Precond]] = {"edm": EDMPrecond, "ve": VEPrecond}
+PRECONDITIONINGS: dict[str, type[Precond]] = {"edm": EDMPrecond, "ve": VEPrecond, "ect": ECTPrecond}
 PRECONDITIONING_NAMES = {cls.__name__: name for name, cls in PRECONDITIONINGS.items()}
 
 
@@ -155,12 +174,13 @@ def build_denoiser(
     precond: str, net: nn.Module, sigma_data: float = 0.5, sigma_min: float | None = None,
     sigma_max: float | None = None,
 ) -> Precond:
-    """`net` wrapped in the preconditioning named `precond` ("edm", "ve", or a class name such as "EDMPrecond"); σ
-    bounds left unset take that preconditioning's defaults (EDM's sampling range, or the VE training range)."""
+    """`net` wrapped in the preconditioning named `precond` ("edm", "ve", "ect", or a class name such as
+    "EDMPrecond"); σ bounds left unset take that preconditioning's defaults (EDM's sampling range, or the VE training
+    range)."""
     name = PRECONDITIONING_NAMES.get(precond, precond)
     if name not in PRECONDITIONINGS:
         raise ConfigError(f"precond: '{precond}' is not one of {', '.join(PRECONDITIONINGS)}")
     bounds = {key: value for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if value is not None}
-    if name == "edm":
-        return EDMPrecond(net, sigma_data, **bounds)
+    if name in ("edm", "ect"):
+        return PRECONDITIONINGS[name](net, sigma_data, **bounds)
     return VEPrecond(net, **bounds)

@@ -110,6 +110,8 @@ class _SamplerConfigMethods:
     def levels(self, denoiser) -> torch.Tensor:
         """The N + 1 noise levels these settings walk over `denoiser`: the whole schedule, built (and so checked
         against the model: σ range, steps, ρ) before anything is sampled."""
+        if self.entry.check_model is not None:
+            self.entry.check_model(denoiser)
         return self.pipeline(denoiser).plan(self.num_steps).sigmas
 
     def pipeline(self, denoiser) -> ImagePipeline:
@@ -217,7 +219,7 @@ if TYPE_CHECKING:  # SamplerConfig's fields as tools see them; a test keeps them
         # fields: begin
         sampler: Literal[
             "karras_ve", "score_sde_ve", "ddim", "euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde",
-            "dpmpp_3m_sde",
+            "dpmpp_3m_sde", "consistency",
         ] = "karras_ve"
         steps: int | None = None
         name: str | None = None
@@ -237,6 +239,7 @@ if TYPE_CHECKING:  # SamplerConfig's fields as tools see them; a test keeps them
         spacing: Literal["leading", "trailing", "linspace", "quadratic"] = "leading"
         clip_sample: bool = True
         solver_type: Literal["midpoint", "heun"] = "midpoint"
+        sigma_mid: float = 0.821
         # fields: end
 else:  # the class itself, built from the registry, so a registered sampler's settings are fields at once
     SamplerConfig = dataclasses.make_dataclass(

@@ -37,6 +37,7 @@ from vediff.pipelines.schedulers import (
 )
 from vediff.sampling.editing import check_editing, first_step, impute, resample
 from vediff.sampling.registry import SAMPLERS
+from vediff.sampling.schedules import check_steps
 from vediff.sampling.solvers import Callback, Generators, noise_from, randn
 from vediff.utils import ConfigError, package_version, write_json
 
@@ -430,16 +431,20 @@ class SolverPipeline(ImagePipeline):
         super().__init__(unet, scheduler)
         if sampler not in SAMPLERS:
             raise ConfigError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}")
-        defaults = SAMPLERS[sampler].defaults()
-        accepted = [name for name in defaults if name in inspect.signature(SAMPLERS[sampler].solve).parameters]
-        unknown = sorted(set(settings) - set(accepted))
+        entry = SAMPLERS[sampler]
+        defaults = entry.defaults()
+        accepted = [name for name in defaults if name in inspect.signature(entry.solve).parameters]
+        # A sampler with its own σ levels takes the settings its level function reads, as its solver takes the rest.
+        level_names = [name for name in defaults if name not in accepted] if entry.levels is not None else []
+        unknown = sorted(set(settings) - set(accepted) - set(level_names))
         if unknown:
-            raise ConfigError(f"{sampler}: unknown settings {unknown}; its solver takes {accepted}")
+            raise ConfigError(f"{sampler}: unknown settings {unknown}; it takes {accepted + level_names}")
         self.sampler_name = sampler
         self.settings = {name: settings.get(name, defaults[name]) for name in accepted}
+        self.level_settings = {name: settings.get(name, defaults[name]) for name in level_names}
 
     def pipeline_args(self) -> dict[str, Any]:
-        return {"sampler": self.sampler_name, **self.settings}
+        return {"sampler": self.sampler_name, **self.settings, **self.level_settings}
 
     @classmethod
     def scheduler_for(cls, settings: dict[str, Any], sigma_range: tuple[float, float],
@@ -470,8 +475,18 @@ class SolverPipeline(ImagePipeline):
 
     def plan(self, num_inference_steps: int | None, sigmas: Sequence[float] | torch.Tensor | None = None
              ) -> SamplingPlan:
-        """The registered sampler with this pipeline's settings over N steps of the schedule, or over `sigmas`."""
-        return self.scheduler.plan(num_inference_steps, SAMPLERS[self.sampler_name].solve, self.settings, sigmas)
+        """The registered sampler with this pipeline's settings over N steps of the schedule (or of the sampler's own
+        levels), or over `sigmas`."""
+        entry = SAMPLERS[self.sampler_name]
+        if sigmas is None and entry.levels is not None:
+            check_steps(num_inference_steps)
+            if num_inference_steps > entry.max_steps:
+                raise ConfigError(f"num_inference_steps: {num_inference_steps} exceeds the {entry.max_steps} that "
+                                  f"{entry.name} takes ({entry.max_steps_reason})")
+            config = self.scheduler.config
+            sigmas = entry.levels(num_inference_steps, config["sigma_min"], config["sigma_max"], self.level_settings)
+            num_inference_steps = None
+        return self.scheduler.plan(num_inference_steps, entry.solve, self.settings, sigmas)
 
 
 # The pipeline of each sampler that has a diffusers counterpart, by the sampler's registry name; the other

@@ -17,6 +17,7 @@ import torch
 
 from vediff.sampling.schedules import MAX_STEPS, Spacing
 from vediff.sampling.solvers import (
+    sample_consistency,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -87,6 +88,9 @@ class Sampler:
         uses_sigma_range: Whether `sigma_min`/`sigma_max` bound its schedule (DDIM takes its own from β instead).
         max_steps: Largest N (at most `vediff.sampling.schedules.MAX_STEPS`, the bound of every schedule).
         max_steps_reason: Why, for the error message.
+        levels: The sampler's own σ levels for N steps over (σ_min, σ_max) and its settings, N + 1 of them ending at 0,
+            where it does not walk EDM's schedules (the pipelines then pass them as `sigmas`).
+        check_model: Raises a ConfigError for a model the sampler cannot sample (checked before sampling).
     """
 
     name: str
@@ -98,6 +102,8 @@ class Sampler:
     uses_sigma_range: bool = True
     max_steps: int = MAX_STEPS
     max_steps_reason: str = "no published sampler needs more; each step costs network evaluations"
+    levels: Callable[[int, float, float, Mapping[str, Any]], list[float]] | None = None
+    check_model: Callable[[Any], None] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run the solver: `SAMPLERS["ddim"](denoiser, x, sigmas, eta=0.0)`."""
@@ -237,6 +243,38 @@ register(Sampler(
     summary="DPM-Solver++(3M) SDE, third-order multistep (Lu et al. 2022)",
     default_steps=25,
     settings=(*SCHEDULE_SETTINGS, ETA, S_NOISE),
+))
+
+# ECT's two-step sampler on CIFAR-10 (locuslab/ect, mid_t): its intermediate noise level.
+ECT_SIGMA_MID = 0.821
+
+
+def consistency_levels(n: int, sigma_min: float, sigma_max: float, settings: Mapping[str, Any]) -> list[float]:
+    """σ_max, then (two steps) the intermediate `sigma_mid`, then 0."""
+    return [sigma_max, *([settings["sigma_mid"]] if n == 2 else []), 0.0]
+
+
+def check_consistency_model(denoiser: Any) -> None:
+    """Consistency sampling needs a consistency function: a model tuned with `precond: ect`."""
+    if not getattr(denoiser, "is_consistency_model", False):
+        raise ConfigError("sampler: consistency needs a consistency model (trained with model.precond ect, e.g. "
+                          "python train.py fit --config digits_ect.yaml); this model is a plain denoiser, whose one- "
+                          "and two-step samples are blurred averages: sample it with karras_ve or dpmpp_2m")
+
+
+register(Sampler(
+    name="consistency",
+    solve=sample_consistency,
+    summary="consistency sampling, one or two steps (Song et al. 2023; for models tuned by ECT, Geng et al. 2024)",
+    default_steps=2,
+    settings=(
+        Setting("sigma_mid", float, ECT_SIGMA_MID, "σ the two-step sampler noises its first image back to (ECT: "
+                "0.821)", above=0),
+    ),
+    max_steps=2,
+    max_steps_reason="ECT's published sampler takes one or two steps",
+    levels=consistency_levels,
+    check_model=check_consistency_model,
 ))
 
 SamplerName = Literal[tuple(SAMPLERS)]  # the registry's names, so configs and the CLI reject typos

@@ -471,3 +471,24 @@ def sample_dpmpp_3m_sde(
             denoised_1 = denoised
         report_step(callback, i, x, sigma, denoised)
     return x
+
+
+# Song et al. 2023 (consistency models), Algorithm 1: multistep consistency sampling over the given levels.
+def sample_consistency(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: Noise | None = None,
+    callback: Callback | None = None,
+    progress: bool | dict = False,
+) -> torch.Tensor:
+    """Consistency sampling (Song et al. 2023, Algorithm 1): the consistency function maps x at σ_0 straight to an
+    image; at every later level σ_i > 0 fresh noise takes that image back to σ_i and the function is applied again.
+    N evaluations for N steps; meant for consistency models (`ECTPrecond`), where D is the consistency function."""
+    noise = noise or noise_from(None)
+    for i, sigma, sigma_next in step_levels(sigmas, progress):
+        denoised = _denoise(denoiser, x, sigma)
+        x = denoised + noise(x) * sigma_next if sigma_next > 0 else denoised
+        report_step(callback, i, x, sigma, denoised)
+    return x

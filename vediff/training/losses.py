@@ -102,3 +102,81 @@ class EDMLoss(DenoisingLoss):
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+# Geng et al. 2024, "Consistency Models Made Easy" (ECT), with the constants of locuslab/ect's CIFAR-10 recipe.
+class ECTLoss:
+    """Easy Consistency Tuning: the consistency function f at t against itself, without gradient, at r < t.
+
+    t = σ ~ lognormal(P_mean, P_std) (ECT: −1.1, 2.0); r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))), clamped at 0
+    (ECT: q = 2, k = 8, b = 1), so r approaches t as the stage grows and r = 0 (the plain denoising target y) is common
+    at small t early on. Both branches see the same noise n (x_t = y + t·n, x_r = y + r·n) and the same dropout
+    state. The distance is pseudo-Huber, √(‖Δ‖² + c²) − c over the whole image (ECT's CIFAR-10 run: c = 0, the L2
+    norm), weighted by 1/(t − r). `stage` is set by the trainer from the images seen (`stage_at`).
+    """
+
+    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+                 c: float = 0.0) -> None:
+        check_number("ECTLoss: P_mean", P_mean)
+        check_number("ECTLoss: P_std", P_std, above=0)
+        check_number("ECTLoss: q", q, above=1)
+        check_number("ECTLoss: k", k, at_least=0)
+        check_number("ECTLoss: b", b, at_least=0)
+        check_number("ECTLoss: c", c, at_least=0)
+        self.P_mean, self.P_std, self.q, self.k, self.b, self.c = map(float, (P_mean, P_std, q, k, b, c))
+        self.stage = 0
+
+    def sample_sigma(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.exp(self.P_mean + self.P_std * torch.randn(n, device=device, generator=generator))
+
+    def sigma_quantiles(self, k: int) -> torch.Tensor:
+        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        return torch.exp(self.P_mean + self.P_std * math.sqrt(2) * torch.erfinv(2 * q - 1)).float()
+
+    def r_of(self, t: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """The second point r(t) of the current (or a given) stage."""
+        stage = self.stage if stage is None else stage
+        shrink = self.q ** -(stage + 1) * (1 + self.k * torch.sigmoid(-self.b * t))
+        return (t * (1 - shrink)).clamp(min=0)
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        images: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-image ECT loss of the consistency function `denoiser` on clean `images`; t (`sigma`), n and r are drawn
+        or computed unless given."""
+        images = images.to(torch.float32)
+        t = (self.sample_sigma(images.shape[0], images.device) if sigma is None else sigma).to(torch.float32)
+        r = (self.r_of(t) if r is None else r).to(torch.float32)
+        noise = torch.randn_like(images) if noise is None else noise
+        extra = ((class_labels,) if class_labels is not None else (), {} if augment_labels is None else
+                 {"augment_labels": augment_labels})
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the r-branch replays the t-branch's dropout draws
+            state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            f_t = denoiser(images + append_dims(t, images.ndim) * noise, t, *extra[0], **extra[1])
+            torch.set_rng_state(state[0])
+            for device, cuda_state in zip(devices, state[1], strict=True):
+                torch.cuda.set_rng_state(cuda_state, device)
+            with torch.no_grad():
+                f_r = denoiser(images + append_dims(r, images.ndim) * noise, r.clamp(min=_R_FLOOR), *extra[0],
+                               **extra[1])
+        target = torch.where(append_dims(r > 0, images.ndim), f_r, images)  # r = 0: the clean image itself
+        squared = (f_t - target).square().flatten(1).sum(dim=1)
+        distance = torch.sqrt(squared + self.c**2) - self.c
+        return distance / (t - r)
+
+
+# σ at which the r-branch is evaluated where r = 0 (its result is replaced by the clean image; only finite is needed).
+_R_FLOOR = 1e-4
+
+
+def stage_at(images_seen: int, stage_kimg: float) -> int:
+    """ECT's stage after `images_seen` training images, advancing every `stage_kimg` thousand (ECT CIFAR-10: 3 200)."""
+    return int(images_seen // (stage_kimg * 1000))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -12,8 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from vediff.models.preconditioning import PRECONDITIONINGS, Precond, build_denoiser
+from vediff.pipelines.loading import check_same_shapes, load_denoiser
 from vediff.sampling.likelihood import bits_per_dim, dequantize, log_likelihood
-from vediff.training.losses import DenoisingLoss, EDMLoss, VELoss
+from vediff.training.checkpoints import newest_checkpoint
+from vediff.training.losses import DenoisingLoss, ECTLoss, EDMLoss, VELoss, stage_at
 from vediff.utils import ConfigError, check_number, class_path
 
 Batch = dict[str, torch.Tensor] | torch.Tensor
@@ -30,13 +34,19 @@ class VEDiffusion(L.LightningModule):
 
     Args:
         net: The raw network F(x; c_noise), e.g. `vediff.UNet2D`.
-        precond: "edm" (EDMPrecond + EDMLoss) or "ve" (VEPrecond + VELoss).
+        precond: "edm" (EDMPrecond + EDMLoss), "ve" (VEPrecond + VELoss) or "ect" (consistency tuning: ECTPrecond +
+            ECTLoss, Geng et al. 2024; start it from a trained EDM model with `init_from`).
         sigma_data: Standard deviation of the data (EDM: 0.5 for images in [-1, 1]); shared by EDMPrecond and EDMLoss.
         sigma_min: Smallest noise level: VELoss's training range; for EDM the default sampling range. Default: 0.002
             (edm) or 0.02 (ve).
         sigma_max: Largest noise level, likewise. Default: 80 (edm) or 100 (ve).
-        P_mean: Mean of ln σ in EDMLoss.
-        P_std: Standard deviation of ln σ in EDMLoss.
+        P_mean: Mean of ln σ in EDMLoss (and of ln t in ECTLoss; ECT: −1.1).
+        P_std: Standard deviation of ln σ in EDMLoss (and of ln t in ECTLoss; ECT: 2.0).
+        stage_kimg: ECT only: thousands of training images per stage of r's schedule (ECT's CIFAR-10 run: 3 200).
+        huber_c: ECT only: c of the pseudo-Huber distance √(‖Δ‖² + c²) − c (ECT's CIFAR-10 run: 0, the L2 norm).
+        init_from: Start from the network weights of a trained model instead of random ones: a training checkpoint
+            (.ckpt, its EMA weights), a pipeline folder, or a folder of runs (its newest last.ckpt, as `--ckpt_path
+            last` finds runs). Only the weights are taken (not the optimizer or the step); a resumed run ignores it.
         lr: Adam learning rate after warm-up.
         betas: Adam betas.
         eps: Adam epsilon.
@@ -54,7 +64,7 @@ class VEDiffusion(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        precond: Literal["edm", "ve"] = "edm",
+        precond: Literal["edm", "ve", "ect"] = "edm",
         sigma_data: float = 0.5,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
@@ -69,9 +79,13 @@ class VEDiffusion(L.LightningModule):
         max_nonfinite_steps: int = 100,
         compile: bool = False,
         channels_last: bool = False,
+        stage_kimg: float = 3200.0,
+        huber_c: float = 0.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        # init_from is not a hyperparameter of the model: a checkpoint loads its own weights, never the teacher's.
+        self.save_hyperparameters(ignore=["net", "init_from"])
         _store_net_config(self.hparams, net)
         if precond not in PRECONDITIONINGS:
             raise ConfigError(f"model.precond: '{precond}' is not one of {', '.join(PRECONDITIONINGS)}")
@@ -81,14 +95,18 @@ class VEDiffusion(L.LightningModule):
             raise ConfigError(f"model.max_nonfinite_steps: {max_nonfinite_steps} must be at least 1")
         if val_sigmas < 1:
             raise ConfigError(f"model.val_sigmas: {val_sigmas} must be at least 1")
+        check_number("model.stage_kimg", stage_kimg, above=0)
         try:
             self.denoiser: Precond = build_denoiser(precond, net, sigma_data, sigma_min, sigma_max)
             if precond == "edm":
-                self.loss_fn: DenoisingLoss = EDMLoss(P_mean, P_std, sigma_data)
+                self.loss_fn: DenoisingLoss | ECTLoss = EDMLoss(P_mean, P_std, sigma_data)
+            elif precond == "ect":
+                self.loss_fn = ECTLoss(P_mean, P_std, c=huber_c)
             else:
                 self.loss_fn = VELoss(self.denoiser.sigma_min, self.denoiser.sigma_max)
         except ConfigError as error:
             raise ConfigError(f"model: {error}") from None
+        self.initialised_from = load_initial_weights(self.denoiser, init_from) if init_from else None
         self.val_sigma_grid = self.loss_fn.sigma_quantiles(val_sigmas)
         self.images_per_step = 0  # global batch: set by the first training step, used by warm-up and EMA
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
@@ -126,6 +144,9 @@ class VEDiffusion(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         self.images_per_step = images.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
         augment_labels = batch.get("augment_labels") if isinstance(batch, dict) else None
+        self.update_stage()
+        if isinstance(self.loss_fn, ECTLoss):
+            self.log("train/ect_stage", float(self.loss_fn.stage), on_step=True, on_epoch=False)
         loss = self.loss_fn(self.denoiser, images, class_labels=class_labels, augment_labels=augment_labels).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/kimg", (self.images_seen + self.images_per_step) / 1000, on_step=True, on_epoch=False)
@@ -158,10 +179,16 @@ class VEDiffusion(L.LightningModule):
                 "from the last checkpoint with --ckpt_path last after fixing it"
             )
 
+    def update_stage(self) -> None:
+        """ECT: set the stage of r's schedule from the images seen, so a resumed run continues it where it stopped."""
+        if isinstance(self.loss_fn, ECTLoss):
+            self.loss_fn.stage = stage_at(self.images_seen, self.hparams.stage_kimg)
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Fixed noise and a fixed σ grid make validation curves comparable from epoch to epoch. With image indices
         # (ImageDataModule) the noise follows each image, so the loss does not depend on batch size or device count.
         images, class_labels, indices = self.unpack(batch)
+        self.update_stage()
         noise = self.validation_noise(images, batch_idx if indices is None else indices)
         sigmas = self.val_sigma_grid.to(images.device)
         losses = torch.stack([
@@ -228,6 +255,8 @@ class VEDiffusion(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.initialised_from is not None:
+            checkpoint["initialised_from"] = self.initialised_from  # provenance only; loading never reads it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
@@ -242,3 +271,25 @@ def _store_net_config(hparams: dict, net: nn.Module) -> None:
         raise ConfigError(f"model.net: {type(net).__name__} needs a `config` dict of its constructor arguments")
     hparams["net"] = {"class_path": class_path(type(net)), "init_args": net.config}
     hparams.setdefault("_instantiator", "lightning.pytorch.cli.instantiate_module")
+
+
+def load_initial_weights(denoiser: Precond, source: str) -> str:
+    """Copy into `denoiser` the network weights of a trained model (see `VEDiffusion`'s `init_from`); returns the file
+    or folder they came from, after saying so on stderr."""
+    path = Path(source)
+    if path.is_dir() and not (path / "model_index.json").is_file():  # a folder of runs: its newest last.ckpt
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise ConfigError(f"model.init_from: no last.ckpt under '{path}'; train the model to tune first (e.g. "
+                              "python train.py fit --config digits.yaml) or give a checkpoint's path")
+        path = newest
+    teacher = load_denoiser(path, field="model.init_from").net.state_dict()
+    # A teacher trained with augmentation has an augment-label embedding that a network tuned without it lacks.
+    left_out = [name for name in teacher if name.startswith("map_augment.") and name not in denoiser.net.state_dict()]
+    weights = {name: tensor for name, tensor in teacher.items() if name not in left_out}
+    check_same_shapes({name: tuple(tensor.shape) for name, tensor in weights.items()}, denoiser.net, path,
+                      field="model.init_from", hint="give model.net the architecture of the model to tune from")
+    denoiser.net.load_state_dict(weights)
+    without = f" (without its augment-label embedding {', '.join(left_out)})" if left_out else ""
+    print(f"Initialising the network from {path}{without}", file=sys.stderr)
+    return str(path)
