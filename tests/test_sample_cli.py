@@ -534,10 +534,8 @@ def test_the_sampler_guide_script_draws_its_figures(checkpoint, conditional_chec
     grid = Image.open(tmp_path / "docs" / "sampler_grid.png")
     assert plot.size[0] > 400 and plot.size[1] > 300
     assert Image.open(tmp_path / "docs" / "guidance.png").size[0] > 400
-    # 10 seeds × 8 sampler settings of 8×8 images with padding 1, each pixel drawn as an 8×8 block.
-    assert grid.size == (8 * (10 * 9 + 1), 8 * (8 * 9 + 1))
-    pixels = np.asarray(grid)
-    assert np.array_equal(pixels, pixels[::8, ::8].repeat(8, axis=0).repeat(8, axis=1))
+    # 10 seeds across and one labelled row per sampler setting (8): the figure is sized by those counts.
+    assert grid.size == (round((2.2 + 10 * 0.7) * 110), round(8 * 0.7 * 110))
     tradeoff, guidance, recognition = markdown_tables(result.stdout).values()
     by_label = {row[0]: row[1] for row in tradeoff}  # one point per curve, at the budget of 5 evaluations
     assert len(by_label) == 14
