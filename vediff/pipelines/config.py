@@ -25,7 +25,7 @@ from vediff.models.preconditioning import check_sigma, check_sigma_range
 from vediff.pipelines.pipelines import PIPELINES, ImagePipeline, SolverPipeline
 from vediff.pipelines.schedulers import Scheduler
 from vediff.sampling.registry import SAMPLERS, SCHEDULE_SETTINGS, Sampler, SamplerName, Setting, setting_versions
-from vediff.utils import ConfigError, check_count
+from vediff.utils import ConfigError
 
 # Settings every sampler has; the registry's own settings follow them.
 COMMON_SETTINGS = (
@@ -56,10 +56,7 @@ class _SamplerConfigMethods:
             raise ConfigError(f"sampler: '{self.sampler}' is not one of {', '.join(SAMPLERS)}")
         entry = self.entry
         if self.steps is not None:
-            check_count("steps", self.steps, 1)
-            if self.steps > entry.max_steps:
-                raise ConfigError(f"steps: {self.steps} exceed the {entry.max_steps} that {entry.name} allows "
-                                  f"({entry.max_steps_reason}); use at most {entry.max_steps}")
+            entry.check_steps(self.steps)
         for field in ("sigma_min", "sigma_max"):
             if getattr(self, field) is not None:
                 check_sigma(field, getattr(self, field))

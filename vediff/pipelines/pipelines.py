@@ -37,7 +37,6 @@ from vediff.pipelines.schedulers import (
 )
 from vediff.sampling.editing import check_editing, first_step, impute, resample
 from vediff.sampling.registry import SAMPLERS
-from vediff.sampling.schedules import check_steps
 from vediff.sampling.solvers import Callback, Generators, noise_from, randn
 from vediff.utils import ConfigError, package_version, write_json
 
@@ -479,10 +478,7 @@ class SolverPipeline(ImagePipeline):
         levels), or over `sigmas`."""
         entry = SAMPLERS[self.sampler_name]
         if sigmas is None and entry.levels is not None:
-            check_steps(num_inference_steps)
-            if num_inference_steps > entry.max_steps:
-                raise ConfigError(f"num_inference_steps: {num_inference_steps} exceeds the {entry.max_steps} that "
-                                  f"{entry.name} takes ({entry.max_steps_reason})")
+            entry.check_steps(num_inference_steps, "num_inference_steps")
             config = self.scheduler.config
             sigmas = entry.levels(num_inference_steps, config["sigma_min"], config["sigma_max"], self.level_settings)
             num_inference_steps = None

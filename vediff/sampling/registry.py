@@ -109,6 +109,13 @@ class Sampler:
         """Run the solver: `SAMPLERS["ddim"](denoiser, x, sigmas, eta=0.0)`."""
         return self.solve(*args, **kwargs)
 
+    def check_steps(self, steps: int, field: str = "steps") -> None:
+        """Raise a ConfigError naming `field` unless 1 ≤ `steps` ≤ this sampler's `max_steps`."""
+        check_count(field, steps, 1)
+        if steps > self.max_steps:
+            raise ConfigError(f"{field}: {steps} exceed the {self.max_steps} that {self.name} allows "
+                              f"({self.max_steps_reason}); use at most {self.max_steps}")
+
     def defaults(self) -> dict[str, Any]:
         return {setting.name: setting.default for setting in self.settings}
 

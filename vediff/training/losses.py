@@ -81,6 +81,19 @@ class VELoss(DenoisingLoss):
         return 1 / sigma**2
 
 
+# EDM Table 1: ln σ ~ N(P_mean, P_std²), the σ distribution of EDM's loss and of ECT's t.
+def lognormal_sigmas(P_mean: float, P_std: float, n: int, device: torch.device,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """`n` noise levels with ln σ ~ N(P_mean, P_std²)."""
+    return torch.exp(P_mean + P_std * torch.randn(n, device=device, generator=generator))
+
+
+def lognormal_quantiles(P_mean: float, P_std: float, k: int) -> torch.Tensor:
+    """The levels at the midpoint quantiles (i + ½)/k of ln σ ~ N(P_mean, P_std²)."""
+    q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    return torch.exp(P_mean + P_std * math.sqrt(2) * torch.erfinv(2 * q - 1)).float()
+
+
 # EDM Table 1, "ours" column: ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_d²)/(σ·σ_d)².
 class EDMLoss(DenoisingLoss):
     """EDM loss; `sigma_data` must match the EDMPrecond it trains."""
@@ -94,11 +107,10 @@ class EDMLoss(DenoisingLoss):
         self.sigma_data = float(sigma_data)
 
     def sample_sigma(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.exp(self.P_mean + self.P_std * torch.randn(n, device=device, generator=generator))
+        return lognormal_sigmas(self.P_mean, self.P_std, n, device, generator)
 
     def sigma_quantiles(self, k: int) -> torch.Tensor:
-        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-        return torch.exp(self.P_mean + self.P_std * math.sqrt(2) * torch.erfinv(2 * q - 1)).float()
+        return lognormal_quantiles(self.P_mean, self.P_std, k)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
@@ -127,11 +139,10 @@ class ECTLoss:
         self.stage = 0
 
     def sample_sigma(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.exp(self.P_mean + self.P_std * torch.randn(n, device=device, generator=generator))
+        return lognormal_sigmas(self.P_mean, self.P_std, n, device, generator)
 
     def sigma_quantiles(self, k: int) -> torch.Tensor:
-        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-        return torch.exp(self.P_mean + self.P_std * math.sqrt(2) * torch.erfinv(2 * q - 1)).float()
+        return lognormal_quantiles(self.P_mean, self.P_std, k)
 
     def r_of(self, t: torch.Tensor, stage: int | None = None) -> torch.Tensor:
         """The second point r(t) of the current (or a given) stage."""
@@ -155,18 +166,21 @@ class ECTLoss:
         t = (self.sample_sigma(images.shape[0], images.device) if sigma is None else sigma).to(torch.float32)
         r = (self.r_of(t) if r is None else r).to(torch.float32)
         noise = torch.randn_like(images) if noise is None else noise
-        extra = ((class_labels,) if class_labels is not None else (), {} if augment_labels is None else
-                 {"augment_labels": augment_labels})
+        conditioning = () if class_labels is None else (class_labels,)
+        augmented = {} if augment_labels is None else {"augment_labels": augment_labels}
+
+        def f(level: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+            return denoiser(images + append_dims(level, images.ndim) * noise, at, *conditioning, **augmented)
+
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the r-branch replays the t-branch's dropout draws
-            state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            f_t = denoiser(images + append_dims(t, images.ndim) * noise, t, *extra[0], **extra[1])
-            torch.set_rng_state(state[0])
-            for device, cuda_state in zip(devices, state[1], strict=True):
+            cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            f_t = f(t, t)
+            torch.set_rng_state(cpu_state)
+            for device, cuda_state in zip(devices, cuda_states, strict=True):
                 torch.cuda.set_rng_state(cuda_state, device)
             with torch.no_grad():
-                f_r = denoiser(images + append_dims(r, images.ndim) * noise, r.clamp(min=_R_FLOOR), *extra[0],
-                               **extra[1])
+                f_r = f(r, r.clamp(min=_R_FLOOR))
         target = torch.where(append_dims(r > 0, images.ndim), f_r, images)  # r = 0: the clean image itself
         squared = (f_t - target).square().flatten(1).sum(dim=1)
         distance = torch.sqrt(squared + self.c**2) - self.c

@@ -144,9 +144,9 @@ class VEDiffusion(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         self.images_per_step = images.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
         augment_labels = batch.get("augment_labels") if isinstance(batch, dict) else None
-        self.update_stage()
-        if isinstance(self.loss_fn, ECTLoss):
-            self.log("train/ect_stage", float(self.loss_fn.stage), on_step=True, on_epoch=False)
+        stage = self.update_stage()
+        if stage is not None:
+            self.log("train/ect_stage", float(stage), on_step=True, on_epoch=False)
         loss = self.loss_fn(self.denoiser, images, class_labels=class_labels, augment_labels=augment_labels).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/kimg", (self.images_seen + self.images_per_step) / 1000, on_step=True, on_epoch=False)
@@ -179,10 +179,13 @@ class VEDiffusion(L.LightningModule):
                 "from the last checkpoint with --ckpt_path last after fixing it"
             )
 
-    def update_stage(self) -> None:
-        """ECT: set the stage of r's schedule from the images seen, so a resumed run continues it where it stopped."""
-        if isinstance(self.loss_fn, ECTLoss):
-            self.loss_fn.stage = stage_at(self.images_seen, self.hparams.stage_kimg)
+    def update_stage(self) -> int | None:
+        """ECT: set the stage of r's schedule from the images seen, so a resumed run continues it where it stopped;
+        returns it (None for the other losses)."""
+        if not isinstance(self.loss_fn, ECTLoss):
+            return None
+        self.loss_fn.stage = stage_at(self.images_seen, self.hparams.stage_kimg)
+        return self.loss_fn.stage
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Fixed noise and a fixed σ grid make validation curves comparable from epoch to epoch. With image indices
