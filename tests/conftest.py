@@ -66,8 +66,11 @@ def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, time
 # Runs a script with one function wrapped so that the process signals itself right after that function's Nth call
 # returns: a real signal at a chosen moment of the run, instead of one sent after a guessed sleep.
 SIGNAL_AFTER_CALL = """
-import os, runpy, sys
+import os, runpy, signal, sys
 from importlib import import_module
+# A background job of a non-interactive shell starts with SIGINT ignored; Ctrl+C at a terminal raises
+# KeyboardInterrupt, so Python's own handler is put back whatever this test run inherited.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module, _, attribute = {target!r}.partition(":")
 owner_name, _, name = attribute.rpartition(".")
 owner = import_module(module)
